@@ -1,0 +1,134 @@
+"""Input validation shared by the public ops. Every error names the argument, the expectation and the value."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name: str, value) -> torch.Tensor:
+    tensor(name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (bf16, fp16, fp32 or fp64), got {_describe(value)}")
+    return value
+
+
+def integer(name: str, value) -> torch.Tensor:
+    tensor(name, value)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {_describe(value)}")
+    return value
+
+
+def same_device(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if value.device != other.device:
+        raise ValueError(f"{name} must be on the same device as {other_name} ({other.device}), got {value.device}")
+
+
+def same_dtype(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if value.dtype != other.dtype:
+        raise TypeError(f"{name} must have the dtype of {other_name} ({other.dtype}), got {value.dtype}")
+
+
+def temperature(value, lead_shape: torch.Size, device: torch.device) -> Union[float, torch.Tensor]:
+    """A positive finite float, or a floating tensor of ``lead_shape`` (or broadcastable scalar) of positive
+    finite values. Returns a float or a detached fp32 tensor flattened to ``[N]``."""
+    if isinstance(value, torch.Tensor):
+        floating("temperature", value)
+        same_device("temperature", value, "hidden", torch.empty(0, device=device))
+        if value.dim() == 0:
+            value = value.reshape(1)
+        n = math.prod(lead_shape)
+        if value.numel() == 1:
+            flat = value.detach().float().reshape(1).expand(n)
+        elif tuple(value.shape) == tuple(lead_shape) or (value.dim() == 1 and value.numel() == n):
+            flat = value.detach().float().reshape(n)
+        else:
+            raise ValueError(
+                f"temperature must be a float or a tensor of the leading shape {tuple(lead_shape)}, "
+                f"got {_describe(value)}"
+            )
+        if flat.numel() and not bool(((flat > 0) & torch.isfinite(flat)).all()):
+            bad = flat[~((flat > 0) & torch.isfinite(flat))][0].item()
+            raise ValueError(f"temperature must be positive and finite, got a tensor containing {bad}")
+        return flat
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float or a tensor, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be positive and finite, got {value}")
+    return value
+
+
+def targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """One reduction over the targets; on CUDA this is a host synchronisation."""
+    if targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        first = targets[bad][0].item()
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}, got {first} "
+            f"(pass check_targets=False or set FUSEDPG_CHECK_TARGETS=0 to skip this check)"
+        )
+
+
+def optional_bias(bias: Optional[torch.Tensor], weight: torch.Tensor) -> None:
+    if bias is None:
+        return
+    floating("bias", bias)
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight's vocabulary, got {_describe(bias)}")
+    same_device("bias", bias, "weight", weight)
+    same_dtype("bias", bias, "weight", weight)
+
+
+def linear_inputs(hidden, weight, targets, bias) -> None:
+    floating("hidden", hidden)
+    floating("weight", weight)
+    integer("targets", targets)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got {_describe(hidden)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got {_describe(weight)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have a non-empty vocabulary (V >= 1), got {_describe(weight)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {_describe(weight)}"
+        )
+    same_device("weight", weight, "hidden", hidden)
+    same_dtype("weight", weight, "hidden", hidden)
+    same_device("targets", targets, "hidden", hidden)
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {_describe(targets)}"
+        )
+    optional_bias(bias, weight)
+
+
+def logits_inputs(logits, targets) -> None:
+    floating("logits", logits)
+    integer("targets", targets)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got {_describe(logits)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary (V >= 1), got {_describe(logits)}")
+    same_device("targets", targets, "logits", logits)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets must have logits' leading shape {tuple(logits.shape[:-1])}, got {_describe(targets)}"
+        )

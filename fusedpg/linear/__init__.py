@@ -1,0 +1,65 @@
+"""Fused LM head -> log-prob + entropy, without the N x V logits. See README.md here for the derivation."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import checks
+from ..backend import resolve_impl
+from ..options import LogProbOptions
+from ..reference import linear_logprob_entropy_reference
+from .function import LinearLogprobEntropyFunction
+
+__all__ = ["linear_logprob_entropy"]
+
+
+def linear_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    ignore_index: int = -100,
+    compute_entropy: bool = True,
+    check_targets: Optional[bool] = None,
+    impl: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]``, bf16 / fp16 / fp32 (fp64 runs on the torch plan, for gradcheck).
+        weight: ``[V, H]``, same dtype and device as hidden.
+        targets: integer tensor of hidden's leading shape; ``ignore_index`` rows give 0 and no gradient.
+        bias: optional ``[V]``.
+        temperature: positive float, or a tensor of hidden's leading shape (per-token temperature; no gradient).
+        compute_entropy: if False, entropy is returned as zeros without gradient and its work is skipped.
+        check_targets: verify targets lie in ``[0, V)``; default True unless ``FUSEDPG_CHECK_TARGETS=0``.
+        impl: ``"triton"``, ``"torch"`` or ``"reference"``; default from ``FUSEDPG_IMPL``, else by device.
+
+    Returns:
+        ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
+
+    Equivalent PyTorch (materialising the logits)::
+
+        z = (hidden @ weight.T + bias).float() / temperature
+        logp = z.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    """
+    checks.linear_inputs(hidden, weight, targets, bias)
+    lead = hidden.shape[:-1]
+    temp = checks.temperature(temperature, lead, hidden.device)
+    if check_targets is None:
+        check_targets = LogProbOptions.default_check_targets()
+    if check_targets:
+        checks.targets_in_range(targets, weight.shape[0], ignore_index)
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "reference":
+        logp, ent = linear_logprob_entropy_reference(hidden, weight, targets, bias, temperature, ignore_index)
+        ent = ent if compute_entropy else torch.zeros_like(ent).detach()
+        return logp.float(), ent.float()
+    opts = LogProbOptions(ignore_index=int(ignore_index), compute_entropy=bool(compute_entropy))
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    logp, ent = LinearLogprobEntropyFunction.apply(h2, weight, bias, targets.reshape(-1), temp, opts, impl)
+    return logp.reshape(lead), ent.reshape(lead)

@@ -1,0 +1,123 @@
+"""Launchers of the fused linear log-prob + entropy kernels: allocate, size the grid, launch. No autograd."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from ..kernel_config import check_triton_dtype, programs_wanted, temperature_arg, tile_config
+from ..options import LogProbOptions
+from ..kernels.linear_logprob_entropy import (
+    _linear_logprob_entropy_bwd_kernel,
+    _linear_logprob_entropy_fwd_kernel,
+    _linear_logprob_entropy_merge_kernel,
+)
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temp,
+    opts: LogProbOptions,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``."""
+    check_triton_dtype("hidden", hidden)
+    n, h_dim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = tile_config(hidden.dtype)
+    row_blocks = triton.cdiv(n, cfg.BT)
+    v_blocks = triton.cdiv(vocab, cfg.BV)
+    # Split the vocabulary across programs only as far as needed to fill the device.
+    splits = min(v_blocks, max(1, triton.cdiv(programs_wanted(hidden.device), row_blocks)))
+    v_per_split = triton.cdiv(v_blocks, splits) * cfg.BV
+    splits = triton.cdiv(vocab, v_per_split)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m, s, q = (torch.empty((splits, n), **f32) for _ in range(3))
+    zy = torch.empty(n, **f32)
+    t, stride_t = temperature_arg(temp, n, hidden.device)
+    y = targets.contiguous()
+    _linear_logprob_entropy_fwd_kernel[(row_blocks, splits)](
+        hidden, weight, bias if bias is not None else weight, y, t,
+        m, s, q, zy,
+        n, vocab, h_dim, v_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_t,
+        HAS_BIAS=bias is not None, COMPUTE_ENTROPY=opts.compute_entropy, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
+        BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    logp, entropy, mx, log_s = (torch.empty(n, **f32) for _ in range(4))
+    merge_bt = 128
+    _linear_logprob_entropy_merge_kernel[(triton.cdiv(n, merge_bt),)](
+        m, s, q, zy, logp, entropy, mx, log_s, n, splits, BT=merge_bt,
+    )
+    return logp, entropy, mx, log_s
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temp,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    entropy: torch.Tensor,
+    c: torch.Tensor,
+    d: Optional[torch.Tensor],
+    opts: LogProbOptions,
+    needs: Tuple[bool, bool, bool],
+):
+    """(d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed.
+
+    Per chunk of rows a kernel writes dL/du ``[rows, V]`` (fp32 for fp32 inputs, else the input dtype) into one
+    reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows and accumulates dweight
+    in fp32 across chunks.
+    """
+    n, h_dim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = tile_config(hidden.dtype)
+    need_h, need_w, need_b = needs
+    g_dtype = hidden.dtype
+    rows = max(cfg.BT, opts.device_chunk_bytes // (vocab * g_dtype.itemsize) // cfg.BT * cfg.BT)
+    rows = min(rows, n)
+    g = torch.empty((rows, vocab), dtype=g_dtype, device=hidden.device)
+    single = rows == n
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    dw = db = None
+    if need_w and not single:
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    if need_b:
+        db = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+    t, stride_t = temperature_arg(temp, n, hidden.device)
+    c = c.float().contiguous()
+    d = None if d is None else d.float().contiguous()
+    y = targets.contiguous()
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        r = hi - lo
+        h = hidden[lo:hi]
+        _linear_logprob_entropy_bwd_kernel[(triton.cdiv(r, cfg.BT), triton.cdiv(vocab, cfg.BV))](
+            h, weight, bias if bias is not None else weight, y[lo:], t[lo:] if stride_t else t,
+            m[lo:], log_s[lo:], entropy[lo:], c[lo:], d[lo:] if d is not None else c, g,
+            r, vocab, h_dim,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), stride_t, g.stride(0),
+            HAS_BIAS=bias is not None, HAS_D=d is not None, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
+            BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        gc = g[:r]
+        if need_h:
+            torch.mm(gc, weight, out=dh[lo:hi])
+        if need_w:
+            if single:
+                dw = torch.mm(gc.T, h)
+            else:
+                dw.add_(torch.mm(gc.T, h))
+        if need_b:
+            db.add_(gc.sum(0, dtype=torch.float32))
+    return (
+        dh,
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
+    )

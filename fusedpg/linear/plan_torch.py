@@ -1,0 +1,100 @@
+"""Chunked pure-torch plan of the fused linear log-prob + entropy (the CPU backend).
+
+Rows are processed in chunks whose fp32 ``[rows, V]`` logits fit ``opts.chunk_bytes``; the forward keeps three
+floats a row (logp, entropy, lse) and the backward recomputes each chunk's logits (the two-phase plan of
+DESIGN.md §3, 8·N·H·V FLOPs). Inputs are already compacted to non-ignored rows.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..options import LogProbOptions
+from ..softmax_math import compute_dtype, divide_temperature_, rows_per_chunk, softmax_grad_, softmax_stats
+
+
+def _head(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
+    # Half-precision heads are upcast once per call: CPU half matmuls are slow and round the logits.
+    w = weight if weight.dtype == work else weight.to(work)
+    b = None if bias is None else (bias if bias.dtype == work else bias.to(work))
+    return w, b
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp, work) -> torch.Tensor:
+    h = h if h.dtype == work else h.to(work)
+    z = torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T)
+    return divide_temperature_(z, temp)
+
+
+def _slice_temp(temp, lo: int, hi: int):
+    return temp[lo:hi] if isinstance(temp, torch.Tensor) else temp
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temp,
+    opts: LogProbOptions,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    work = compute_dtype(hidden.dtype)
+    w, b = _head(weight, bias, work)
+    outs = [torch.empty(n, dtype=work, device=hidden.device) for _ in range(4)]
+    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        z = _logits(hidden[lo:hi], w, b, _slice_temp(temp, lo, hi), work)
+        for out, val in zip(outs, softmax_stats(z, targets[lo:hi], opts.compute_entropy)):
+            out[lo:hi] = val
+    return outs[0], outs[1], outs[2], outs[3]
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temp,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    entropy: torch.Tensor,
+    c: torch.Tensor,
+    d: Optional[torch.Tensor],
+    opts: LogProbOptions,
+    needs: Tuple[bool, bool, bool],
+):
+    """Gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed.
+
+    c = dL/dlogp and d = dL/dentropy (or None), each ``[N]``. d_weight and d_bias accumulate in fp32 across chunks.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    work = compute_dtype(hidden.dtype)
+    w, b = _head(weight, bias, work)
+    need_h, need_w, need_b = needs
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_w else None
+    db = torch.zeros(vocab, dtype=work, device=weight.device) if need_b else None
+    c, d = c.to(work), (None if d is None else d.to(work))
+    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        t = _slice_temp(temp, lo, hi)
+        z = _logits(hidden[lo:hi], w, b, t, work)
+        g = softmax_grad_(z, targets[lo:hi], m[lo:hi], log_s[lo:hi], entropy[lo:hi], c[lo:hi],
+                          None if d is None else d[lo:hi], t)
+        if need_h:
+            dh[lo:hi] = torch.mm(g, w)
+        if need_w:
+            h = hidden[lo:hi]
+            dw.addmm_(g.T, h if h.dtype == work else h.to(work))
+        if need_b:
+            db += g.sum(0)
+    return (
+        dh,
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
+    )

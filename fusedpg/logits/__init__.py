@@ -1,0 +1,66 @@
+"""Log-prob + entropy from materialised logits, for trainers that already hold them."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import checks
+from ..backend import resolve_impl
+from ..options import LogProbOptions
+from ..reference import logprob_entropy_reference
+from .function import LogprobEntropyFunction
+
+__all__ = ["logprob_entropy"]
+
+
+def logprob_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    ignore_index: int = -100,
+    compute_entropy: bool = True,
+    inplace_backward: bool = False,
+    check_targets: Optional[bool] = None,
+    impl: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of ``targets`` and entropy of ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, bf16 / fp16 / fp32. Read once in the forward.
+        targets: integer tensor of the leading shape; ``ignore_index`` rows give 0 and no gradient.
+        temperature: positive float or a tensor of the leading shape (no gradient).
+        inplace_backward: write the logits gradient into the logits buffer (saves one N x V tensor; the caller's
+            logits are overwritten during backward, so do not reuse them afterwards).
+        check_targets, impl: as in :func:`fusedpg.linear_logprob_entropy`.
+
+    Returns:
+        ``(logp, entropy)`` fp32 of the leading shape.
+
+    Equivalent PyTorch::
+
+        z = logits.float() / temperature
+        logp = z.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    """
+    checks.logits_inputs(logits, targets)
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    temp = checks.temperature(temperature, lead, logits.device)
+    if check_targets is None:
+        check_targets = LogProbOptions.default_check_targets()
+    if check_targets:
+        checks.targets_in_range(targets, vocab, ignore_index)
+    impl = resolve_impl(impl, logits.device)
+    if impl == "reference":
+        logp, ent = logprob_entropy_reference(logits, targets, temperature, ignore_index)
+        ent = ent if compute_entropy else torch.zeros_like(ent).detach()
+        return logp.float(), ent.float()
+    if inplace_backward and not logits.is_contiguous():
+        raise ValueError("logits must be contiguous when inplace_backward=True, got a non-contiguous tensor")
+    opts = LogProbOptions(
+        ignore_index=int(ignore_index), compute_entropy=bool(compute_entropy), inplace=bool(inplace_backward)
+    )
+    l2 = logits.reshape(-1, vocab)
+    logp, ent = LogprobEntropyFunction.apply(l2, targets.reshape(-1), temp, opts, impl)
+    return logp.reshape(lead), ent.reshape(lead)

@@ -1,0 +1,76 @@
+"""Launchers of the logits-input log-prob + entropy kernels. No autograd."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from ..backend import triton_interpreting
+from ..kernel_config import check_triton_dtype, temperature_arg
+from ..kernels.logprob_entropy import _logprob_entropy_bwd_kernel, _logprob_entropy_fwd_kernel
+from ..options import LogProbOptions
+
+
+def _blocks(vocab: int):
+    """(BT, BV, num_warps): wide vocabulary tiles on CUDA, small ones in the interpreter."""
+    if triton_interpreting():
+        return 4, 32, 1
+    return 1, min(4096, triton.next_power_of_2(vocab)), 8
+
+
+def _rowwise(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def forward(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp, opts: LogProbOptions
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``."""
+    check_triton_dtype("logits", logits)
+    x = _rowwise(logits)
+    n, vocab = x.shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    logp, entropy, m, log_s = (torch.empty(n, **f32) for _ in range(4))
+    if n == 0:
+        return logp, entropy, m, log_s
+    t, stride_t = temperature_arg(temp, n, x.device)
+    bt, bv, warps = _blocks(vocab)
+    _logprob_entropy_fwd_kernel[(triton.cdiv(n, bt),)](
+        x, targets.contiguous(), t, logp, entropy, m, log_s, n, vocab, x.stride(0), stride_t,
+        COMPUTE_ENTROPY=opts.compute_entropy, BT=bt, BV=bv, num_warps=warps,
+    )
+    zero = torch.zeros((), **f32)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero), m, log_s
+
+
+def backward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    temp,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    entropy: torch.Tensor,
+    c: torch.Tensor,
+    d: Optional[torch.Tensor],
+    opts: LogProbOptions,
+) -> torch.Tensor:
+    """dL/dlogits ``[N, V]`` in the logits dtype; written over ``logits`` when ``opts.inplace``."""
+    x = _rowwise(logits)
+    n, vocab = x.shape
+    out = x if opts.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if n == 0:
+        return out
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    c = torch.where(valid, c.float(), zero).contiguous()
+    d = None if d is None else torch.where(valid, d.float(), zero).contiguous()
+    t, stride_t = temperature_arg(temp, n, x.device)
+    bt, bv, warps = _blocks(vocab)
+    bt_b, bv_b = (bt, bv) if triton_interpreting() else (4, min(1024, bv))
+    _logprob_entropy_bwd_kernel[(triton.cdiv(n, bt_b), triton.cdiv(vocab, bv_b))](
+        x, targets.contiguous(), t, m, log_s, entropy, c, d if d is not None else c, out,
+        n, vocab, x.stride(0), stride_t, out.stride(0),
+        HAS_D=d is not None, BT=bt_b, BV=bv_b, num_warps=warps if bt_b == 1 else 4,
+    )
+    return out

@@ -1,0 +1,65 @@
+"""Chunked pure-torch plan of log-prob + entropy from materialised logits (the CPU backend).
+
+The forward reads the logits once per chunk into an fp32 scratch buffer; the backward writes the gradient chunk by
+chunk straight into its output (or into the logits buffer in in-place mode), so no extra N x V tensor exists.
+Ignored rows arrive with ``valid = False``: their targets are clamped and their outputs and gradients zeroed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..options import LogProbOptions
+from ..softmax_math import compute_dtype, divide_temperature_, rows_per_chunk, softmax_grad_, softmax_stats
+
+
+def _chunk(logits: torch.Tensor, lo: int, hi: int, temp, work) -> torch.Tensor:
+    z = logits[lo:hi].to(work, copy=True)
+    return divide_temperature_(z, temp[lo:hi] if isinstance(temp, torch.Tensor) else temp)
+
+
+def forward(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp, opts: LogProbOptions
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` bool -> (logp, entropy, m, log_s), each ``[N]``."""
+    n, vocab = logits.shape
+    work = compute_dtype(logits.dtype)
+    outs = [torch.empty(n, dtype=work, device=logits.device) for _ in range(4)]
+    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        stats = softmax_stats(_chunk(logits, lo, hi, temp, work), targets[lo:hi], opts.compute_entropy)
+        for out, val in zip(outs, stats):
+            out[lo:hi] = val
+    zero = torch.zeros((), dtype=work, device=logits.device)
+    return torch.where(valid, outs[0], zero), torch.where(valid, outs[1], zero), outs[2], outs[3]
+
+
+def backward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    temp,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    entropy: torch.Tensor,
+    c: torch.Tensor,
+    d: Optional[torch.Tensor],
+    opts: LogProbOptions,
+) -> torch.Tensor:
+    """Gradient w.r.t. logits ``[N, V]`` in the logits dtype, written into ``logits`` when ``opts.inplace``."""
+    n, vocab = logits.shape
+    work = compute_dtype(logits.dtype)
+    out = logits if opts.inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    zero = torch.zeros((), dtype=work, device=logits.device)
+    c = torch.where(valid, c.to(work), zero)
+    d = None if d is None else torch.where(valid, d.to(work), zero)
+    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        t = temp[lo:hi] if isinstance(temp, torch.Tensor) else temp
+        z = _chunk(logits, lo, hi, temp, work)
+        g = softmax_grad_(z, targets[lo:hi], m[lo:hi], log_s[lo:hi], entropy[lo:hi], c[lo:hi], None if d is None else d[lo:hi], t)
+        out[lo:hi] = g
+    return out

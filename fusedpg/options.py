@@ -1,0 +1,43 @@
+"""Frozen option bundles: non-tensor settings travel as one hashable object through autograd."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: Default row-chunk budget of the torch (CPU) plan: one fp32 [rows, V] buffer of at most this many bytes.
+DEFAULT_CHUNK_BYTES = 64 << 20
+#: Default budget of the Triton plan's backward gradient chunk (input dtype, [rows, V]).
+DEFAULT_DEVICE_CHUNK_BYTES = 1 << 30
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class LogProbOptions:
+    """Options of the log-prob + entropy primitives.
+
+    ignore_index:    target value marking rows that produce ``logp = entropy = 0`` and no gradient.
+    compute_entropy: when False the entropy output is all zeros and carries no gradient.
+    check_targets:   verify ``0 <= target < V`` for non-ignored rows. The check is one reduction over
+                     ``targets`` and, on CUDA, one host synchronisation (shared with the row compaction
+                     that skips ignored rows). Switch it off per call or with ``FUSEDPG_CHECK_TARGETS=0``.
+    chunk_bytes:     torch plan only: rows per chunk are chosen so that one fp32 ``[rows, V]`` buffer fits.
+    inplace:         logits path only: write the logits gradient into the logits buffer.
+    device_chunk_bytes: Triton plan only: the backward's reused ``[rows, V]`` gradient buffer fits this.
+    """
+
+    ignore_index: int = -100
+    compute_entropy: bool = True
+    check_targets: bool = True
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    inplace: bool = False
+    device_chunk_bytes: int = DEFAULT_DEVICE_CHUNK_BYTES
+
+    @staticmethod
+    def default_check_targets() -> bool:
+        return _env_flag("FUSEDPG_CHECK_TARGETS", True)

@@ -1,0 +1,34 @@
+"""Row compaction shared by the ops: ignored rows cost nothing past one index computation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class Rows:
+    """The non-ignored rows of a flattened ``[N]`` target vector.
+
+    ``idx`` is None when every row is kept (then no gather or scatter happens). Building it is one
+    ``nonzero``, which on CUDA synchronises with the host.
+    """
+
+    def __init__(self, targets: torch.Tensor, ignore_index: int):
+        self.n = targets.shape[0]
+        valid = targets != ignore_index
+        idx = valid.nonzero().squeeze(1)
+        self.count = idx.numel()
+        self.idx: Optional[torch.Tensor] = None if self.count == self.n else idx
+
+    def take(self, x):
+        """Rows of x ``[N, ...]`` (or a float, passed through) kept by the compaction."""
+        if self.idx is None or not isinstance(x, torch.Tensor):
+            return x
+        return x.index_select(0, self.idx)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Place compacted rows ``[count, ...]`` back into zeros ``[N, ...]``."""
+        if self.idx is None:
+            return x
+        out = torch.zeros((self.n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        return out.index_copy_(0, self.idx, x)

@@ -1,0 +1,90 @@
+"""Per-chunk softmax statistics and logits gradient in torch, shared by the torch (CPU) plans.
+
+Both functions take a chunk of *tempered* logits ``z = u / T`` as an owned fp32/fp64 buffer and overwrite it, so a
+chunk costs at most two ``[rows, V]`` buffers. The math is DESIGN.md §3; the derivation is in
+``fusedpg/linear/README.md``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+# exp(x) is exactly 0 in fp32 below about -104 and in fp64 below about -745, so clamping shifted logits at this
+# floor changes no probability, while it turns -inf columns into finite numbers: 0 * floor = 0 instead of NaN.
+SHIFT_FLOOR = -1.0e4
+
+
+def softmax_stats(
+    z: torch.Tensor, targets: torch.Tensor, compute_entropy: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z ``[R, V]`` (overwritten), targets ``[R]`` -> (logp, entropy, m, log_s), each ``[R]``.
+
+    Equivalent to ``lse = z.logsumexp(-1); logp = z.gather(targets) - lse; H = lse - (softmax(z) * z).sum(-1)``,
+    with ``lse = m + log_s`` kept as its two parts: at logits of 1e4 a rounded lse would cost 1e-3 of accuracy in
+    ``z - lse``, while ``(z - m) - log_s`` is exact to the last bit. A row whose every logit is -inf gets
+    ``logp = log_s = -inf`` and ``H = 0``.
+    """
+    zy = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    m = z.amax(1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z.sub_(m.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)
+    e = torch.exp(z)
+    s = e.sum(1)
+    log_s = torch.log(s)
+    logp = torch.where(s > 0, (zy - m) - log_s, log_s)  # an all -inf row: log_s = -inf; zy - m would be NaN
+    if compute_entropy:
+        q = torch.linalg.vecdot(e, z)  # sum_v e_v (z_v - m): relative to the max, so no cancellation
+        entropy = torch.where(s > 0, log_s - q / s, torch.zeros_like(s))
+    else:
+        entropy = torch.zeros_like(s)
+    return logp, entropy, m, log_s
+
+
+def softmax_grad_(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    entropy: torch.Tensor,
+    c: torch.Tensor,
+    d: Optional[torch.Tensor],
+    temperature,
+) -> torch.Tensor:
+    """Gradient w.r.t. the untempered logits ``u``, written over z ``[R, V]`` and returned.
+
+    ``g_v = (c (1[v = y] - p_v) - d p_v (log p_v + H)) / T`` with ``log p = (z - m) - log_s``; ``d=None`` skips
+    the entropy term. c, d, m, log_s, entropy are ``[R]``; temperature a float or ``[R]``.
+    """
+    # An all -inf row (log_s = -inf) has no gradient: shift it by +inf so every p is 0, and drop its c.
+    dead = torch.isneginf(log_s)
+    log_s = torch.where(dead, torch.full_like(log_s, float("inf")), log_s)
+    c = torch.where(dead, torch.zeros_like(c), c)
+    z.sub_(m.unsqueeze(1)).sub_(log_s.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)  # log p
+    p = torch.exp(z)
+    if d is None:
+        g = p.mul_(-c.unsqueeze(1))
+    else:
+        coef = z.add_(entropy.unsqueeze(1)).mul_(d.unsqueeze(1)).add_(c.unsqueeze(1))
+        g = p.mul_(coef).neg_()
+    g.scatter_add_(1, targets.unsqueeze(1), c.unsqueeze(1))
+    if isinstance(temperature, torch.Tensor):
+        g.div_(temperature.unsqueeze(1))
+    elif temperature != 1.0:
+        g.div_(temperature)
+    return g
+
+
+def divide_temperature_(z: torch.Tensor, temperature) -> torch.Tensor:
+    if isinstance(temperature, torch.Tensor):
+        return z.div_(temperature.to(z.dtype).unsqueeze(1))
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for every input dtype; fp64 inputs stay fp64 so gradcheck can run."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rows_per_chunk(vocab: int, chunk_bytes: int, elem_bytes: int = 4) -> int:
+    return max(1, chunk_bytes // max(1, vocab * elem_bytes))

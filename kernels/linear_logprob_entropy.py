@@ -1,0 +1,134 @@
+"""Fused LM head + log-prob / entropy kernels. Logits tiles are produced by tl.dot and consumed in registers.
+
+Forward: program (row block, vocabulary split) streams its vocabulary range in [BT, BV] tiles, each tile the
+K-loop product of hidden [BT, H] and weight [BV, H] in fp32, and keeps the online (m, s, q) state per row plus the
+target logit. A merge kernel folds the splits. Backward: program (row block, vocabulary block) recomputes one tile
+and writes dL/du for it; the launcher turns the [rows, V] chunk into dhidden and dweight with two GEMMs.
+"""
+import triton
+import triton.language as tl
+
+from .softmax_tile import finalize_stats, grad_tile, merge_stats, tile_stats
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, inv_t, H,
+                 stride_hn, stride_hk, stride_wv, stride_wk,
+                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """Tempered logits z = (h W^T + b) / T for a [BT, BV] tile, fp32, masked columns at -inf."""
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < H
+        # [BT, BK]
+        a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :] * stride_hk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        # [BK, BV]
+        b = tl.load(w_ptr + cols64[None, :] * stride_wv + ks[:, None] * stride_wk,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            # Triton's CPU interpreter (3.6-3.8) computes bf16 tl.dot wrongly; fp32 operands give the same
+            # products a GPU forms from bf16, so tests of the interpreter stay meaningful.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols64, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_t[:, None]
+    return tl.where(col_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _linear_logprob_entropy_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, t_ptr,
+    m_ptr, s_ptr, q_ptr, zy_ptr,
+    N, V, H, V_PER_SPLIT,
+    stride_hn, stride_hk, stride_wv, stride_wk, stride_t,
+    HAS_BIAS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_t * BT + tl.arange(0, BT)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
+    inv_t = 1.0 / tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    m = tl.full([BT], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BT], dtype=tl.float32)
+    q = tl.zeros([BT], dtype=tl.float32)
+    zy = tl.zeros([BT], dtype=tl.float32)
+    v_lo = pid_s * V_PER_SPLIT
+    v_hi = tl.minimum(V, v_lo + V_PER_SPLIT)
+    for v0 in range(v_lo, v_hi, BV):
+        cols = v0 + tl.arange(0, BV)
+        col_mask = cols < v_hi
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, inv_t, H,
+                         stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BT, BV, BK)
+        hit = cols[None, :] == y[:, None]
+        zy += tl.sum(tl.where(hit, z, 0.0), 1)
+        m_b, s_b, q_b = tile_stats(z, COMPUTE_ENTROPY)
+        m, s, q = merge_stats(m, s, q, m_b, s_b, q_b)
+    part = pid_s * N + rows64
+    tl.store(m_ptr + part, m, mask=row_mask)
+    tl.store(s_ptr + part, s, mask=row_mask)
+    tl.store(q_ptr + part, q, mask=row_mask)
+    # Exactly one split owns each target column, so exactly one program writes each zy.
+    tl.store(zy_ptr + rows64, zy, mask=row_mask & (y >= v_lo) & (y < v_hi))
+
+
+@triton.jit
+def _linear_logprob_entropy_merge_kernel(
+    m_ptr, s_ptr, q_ptr, zy_ptr, logp_ptr, ent_ptr, mx_ptr, ls_ptr, N, SPLITS, BT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    m = tl.full([BT], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BT], dtype=tl.float32)
+    q = tl.zeros([BT], dtype=tl.float32)
+    for i in range(0, SPLITS):
+        part = i * N + rows64
+        m_i = tl.load(m_ptr + part, mask=row_mask, other=float("-inf"))
+        s_i = tl.load(s_ptr + part, mask=row_mask, other=0.0)
+        q_i = tl.load(q_ptr + part, mask=row_mask, other=0.0)
+        m, s, q = merge_stats(m, s, q, m_i, s_i, q_i)
+    zy = tl.load(zy_ptr + rows64, mask=row_mask, other=0.0)
+    logp, entropy, m, log_s = finalize_stats(m, s, q, zy)
+    tl.store(logp_ptr + rows64, logp, mask=row_mask)
+    tl.store(ent_ptr + rows64, entropy, mask=row_mask)
+    tl.store(mx_ptr + rows64, m, mask=row_mask)
+    tl.store(ls_ptr + rows64, log_s, mask=row_mask)
+
+
+@triton.jit
+def _linear_logprob_entropy_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, t_ptr, mx_ptr, ls_ptr, ent_ptr, c_ptr, d_ptr, g_ptr,
+    N, V, H,
+    stride_hn, stride_hk, stride_wv, stride_wk, stride_t, stride_gn,
+    HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BV + tl.arange(0, BV)
+    row_mask = rows < N
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
+    inv_t = 1.0 / tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    m = tl.load(mx_ptr + rows64, mask=row_mask, other=0.0)
+    log_s = tl.load(ls_ptr + rows64, mask=row_mask, other=0.0)
+    entropy = tl.load(ent_ptr + rows64, mask=row_mask, other=0.0)
+    c = tl.load(c_ptr + rows64, mask=row_mask, other=0.0)
+    if HAS_D:
+        d = tl.load(d_ptr + rows64, mask=row_mask, other=0.0)
+    else:
+        d = c
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, inv_t, H,
+                     stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BT, BV, BK)
+    hit = cols[None, :] == y[:, None]
+    g = grad_tile(z, hit, m, log_s, entropy, c, d, inv_t, HAS_D)  # [BT, BV]
+    tl.store(g_ptr + rows64[:, None] * stride_gn + cols64[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
