@@ -12,7 +12,7 @@ from .softmax_tile import finalize_stats, grad_tile, merge_stats, tile_stats
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, inv_t, H,
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, temp, H,
                  stride_hn, stride_hk, stride_wv, stride_wk,
                  HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                  BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
@@ -35,7 +35,9 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, inv_t,
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols64, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    z = acc * inv_t[:, None]
+    # Correctly rounded division, as the reference's u / T: multiplying by a rounded 1/T adds a second rounding,
+    # up to one more ulp of z (4e-3 at |z| ~ 4e4).
+    z = tl.math.div_rn(acc, temp[:, None])
     return tl.where(col_mask[None, :], z, float("-inf"))
 
 
@@ -54,28 +56,31 @@ def _linear_logprob_entropy_fwd_kernel(
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    inv_t = 1.0 / tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
     m = tl.full([BT], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BT], dtype=tl.float32)
     q = tl.zeros([BT], dtype=tl.float32)
     zy = tl.zeros([BT], dtype=tl.float32)
     v_lo = pid_s * V_PER_SPLIT
-    v_hi = tl.minimum(V, v_lo + V_PER_SPLIT)
-    for v0 in range(v_lo, v_hi, BV):
-        cols = v0 + tl.arange(0, BV)
-        col_mask = cols < v_hi
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, inv_t, H,
-                         stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BT, BV, BK)
-        hit = cols[None, :] == y[:, None]
-        zy += tl.sum(tl.where(hit, z, 0.0), 1)
-        m_b, s_b, q_b = tile_stats(z, COMPUTE_ENTROPY)
-        m, s, q = merge_stats(m, s, q, m_b, s_b, q_b)
+    # Every split walks the same V_PER_SPLIT offsets; the last split's blocks past V are skipped by the branch.
+    for off in range(0, V_PER_SPLIT, BV):
+        v0 = v_lo + off
+        if v0 < V:
+            cols = v0 + tl.arange(0, BV)
+            col_mask = cols < V
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, temp, H,
+                             stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT,
+                             BT, BV, BK)
+            hit = cols[None, :] == y[:, None]
+            zy += tl.sum(tl.where(hit, z, 0.0), 1)
+            m_b, s_b, q_b = tile_stats(z, COMPUTE_ENTROPY)
+            m, s, q = merge_stats(m, s, q, m_b, s_b, q_b)
     part = pid_s * N + rows64
     tl.store(m_ptr + part, m, mask=row_mask)
     tl.store(s_ptr + part, s, mask=row_mask)
     tl.store(q_ptr + part, q, mask=row_mask)
     # Exactly one split owns each target column, so exactly one program writes each zy.
-    tl.store(zy_ptr + rows64, zy, mask=row_mask & (y >= v_lo) & (y < v_hi))
+    tl.store(zy_ptr + rows64, zy, mask=row_mask & (y >= v_lo) & (y < v_lo + V_PER_SPLIT))
 
 
 @triton.jit
@@ -117,7 +122,7 @@ def _linear_logprob_entropy_bwd_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    inv_t = 1.0 / tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
     m = tl.load(mx_ptr + rows64, mask=row_mask, other=0.0)
     log_s = tl.load(ls_ptr + rows64, mask=row_mask, other=0.0)
     entropy = tl.load(ent_ptr + rows64, mask=row_mask, other=0.0)
@@ -126,9 +131,9 @@ def _linear_logprob_entropy_bwd_kernel(
         d = tl.load(d_ptr + rows64, mask=row_mask, other=0.0)
     else:
         d = c
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, inv_t, H,
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, temp, H,
                      stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BT, BV, BK)
     hit = cols[None, :] == y[:, None]
-    g = grad_tile(z, hit, m, log_s, entropy, c, d, inv_t, HAS_D)  # [BT, BV]
+    g = grad_tile(z, hit, m, log_s, entropy, c, d, temp, HAS_D)  # [BT, BV]
     tl.store(g_ptr + rows64[:, None] * stride_gn + cols64[None, :], g.to(g_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])

@@ -11,11 +11,12 @@ from .softmax_tile import finalize_stats, grad_tile, merge_stats, tile_stats
 
 
 @triton.jit
-def _load_tempered(x_ptr, rows64, row_mask, cols64, col_mask, inv_t, stride_n):
+def _load_tempered(x_ptr, rows64, row_mask, cols64, col_mask, temp, stride_n):
     # [BT, BV] fp32, masked columns at -inf
     x = tl.load(x_ptr + rows64[:, None] * stride_n + cols64[None, :],
                 mask=row_mask[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
-    return tl.where(col_mask[None, :], x * inv_t[:, None], float("-inf"))
+    # Correctly rounded division, as the reference's logits / T (a rounded 1/T would add a second rounding).
+    return tl.where(col_mask[None, :], tl.math.div_rn(x, temp[:, None]), float("-inf"))
 
 
 @triton.jit
@@ -28,7 +29,7 @@ def _logprob_entropy_fwd_kernel(
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    inv_t = 1.0 / tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
     m = tl.full([BT], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BT], dtype=tl.float32)
     q = tl.zeros([BT], dtype=tl.float32)
@@ -36,7 +37,7 @@ def _logprob_entropy_fwd_kernel(
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         col_mask = cols < V
-        z = _load_tempered(x_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, inv_t, stride_n)
+        z = _load_tempered(x_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, temp, stride_n)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         m_b, s_b, q_b = tile_stats(z, COMPUTE_ENTROPY)
         m, s, q = merge_stats(m, s, q, m_b, s_b, q_b)
@@ -60,7 +61,7 @@ def _logprob_entropy_bwd_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    inv_t = 1.0 / tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
     m = tl.load(mx_ptr + rows64, mask=row_mask, other=0.0)
     log_s = tl.load(ls_ptr + rows64, mask=row_mask, other=0.0)
     entropy = tl.load(ent_ptr + rows64, mask=row_mask, other=0.0)
@@ -69,7 +70,7 @@ def _logprob_entropy_bwd_kernel(
         d = tl.load(d_ptr + rows64, mask=row_mask, other=0.0)
     else:
         d = c
-    z = _load_tempered(x_ptr, rows64, row_mask, cols64, col_mask, inv_t, stride_n)
-    g = grad_tile(z, cols[None, :] == y[:, None], m, log_s, entropy, c, d, inv_t, HAS_D)  # [BT, BV]
+    z = _load_tempered(x_ptr, rows64, row_mask, cols64, col_mask, temp, stride_n)
+    g = grad_tile(z, cols[None, :] == y[:, None], m, log_s, entropy, c, d, temp, HAS_D)  # [BT, BV]
     tl.store(g_ptr + rows64[:, None] * stride_gn + cols64[None, :], g.to(g_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])

@@ -57,7 +57,7 @@ def finalize_stats(m, s, q, zy):
 
 
 @triton.jit
-def grad_tile(z, hit, m, log_s, entropy, c, d, inv_t, HAS_D: tl.constexpr):
+def grad_tile(z, hit, m, log_s, entropy, c, d, temp, HAS_D: tl.constexpr):
     """dL/du for a tile: (c (1[v = y] - p) - d p (log p + H)) / T, with log p = (z - m) - log s.
 
     z [BT, BV] tempered logits (masked columns -inf), hit [BT, BV] the target mask, the rest [BT].
@@ -73,4 +73,4 @@ def grad_tile(z, hit, m, log_s, entropy, c, d, inv_t, HAS_D: tl.constexpr):
     else:
         coef = c[:, None] + tl.zeros_like(logp)
     g = tl.where(hit, c[:, None], 0.0) - p * coef
-    return g * inv_t[:, None]
+    return tl.math.div_rn(g, temp[:, None])  # [BT, BV]; rounded like the reference's grad / T
