@@ -25,7 +25,9 @@ def logprob_entropy_reference(
     """
     work = dtype or torch.float32
     z = logits.to(work)
-    if isinstance(temperature, torch.Tensor):
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+        z = z / temperature.to(work).reshape(())  # one temperature for every row, given as a tensor
+    elif isinstance(temperature, torch.Tensor):
         z = z / temperature.to(work).reshape(*z.shape[:-1], 1)
     else:
         z = z / temperature

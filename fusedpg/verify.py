@@ -25,7 +25,8 @@ def _checks(device: str, impl) -> Iterable[Tuple[str, Callable[[LinearCase], Lis
     yield "logprob_entropy[inplace]", lambda c: check_logits(c, impl=impl, device=device, inplace=True)
 
 
-def run(device: str, impl, dtypes, out=sys.stdout) -> bool:
+def run(device: str, impl, dtypes, out=None) -> bool:
+    out = sys.stdout if out is None else out  # looked up per call, so redirected / captured stdout is honoured
     rows = []
     for op, check in _checks(device, impl):
         for dtype in dtypes:

@@ -85,7 +85,8 @@ def _linear_logprob_entropy_fwd_kernel(
 
 @triton.jit
 def _linear_logprob_entropy_merge_kernel(
-    m_ptr, s_ptr, q_ptr, zy_ptr, logp_ptr, ent_ptr, mx_ptr, ls_ptr, N, SPLITS, BT: tl.constexpr,
+    m_ptr, s_ptr, q_ptr, zy_ptr, logp_ptr, ent_ptr, mx_ptr, ls_ptr, N, SPLITS,
+    COMPUTE_ENTROPY: tl.constexpr, BT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < N
@@ -100,7 +101,7 @@ def _linear_logprob_entropy_merge_kernel(
         q_i = tl.load(q_ptr + part, mask=row_mask, other=0.0)
         m, s, q = merge_stats(m, s, q, m_i, s_i, q_i)
     zy = tl.load(zy_ptr + rows64, mask=row_mask, other=0.0)
-    logp, entropy, m, log_s = finalize_stats(m, s, q, zy)
+    logp, entropy, m, log_s = finalize_stats(m, s, q, zy, COMPUTE_ENTROPY)
     tl.store(logp_ptr + rows64, logp, mask=row_mask)
     tl.store(ent_ptr + rows64, entropy, mask=row_mask)
     tl.store(mx_ptr + rows64, m, mask=row_mask)

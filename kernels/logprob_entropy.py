@@ -41,7 +41,7 @@ def _logprob_entropy_fwd_kernel(
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         m_b, s_b, q_b = tile_stats(z, COMPUTE_ENTROPY)
         m, s, q = merge_stats(m, s, q, m_b, s_b, q_b)
-    logp, entropy, m, log_s = finalize_stats(m, s, q, zy)
+    logp, entropy, m, log_s = finalize_stats(m, s, q, zy, COMPUTE_ENTROPY)
     tl.store(logp_ptr + rows64, logp, mask=row_mask)
     tl.store(ent_ptr + rows64, entropy, mask=row_mask)
     tl.store(mx_ptr + rows64, m, mask=row_mask)

@@ -43,16 +43,20 @@ def tile_stats(z, COMPUTE_ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def finalize_stats(m, s, q, zy):
+def finalize_stats(m, s, q, zy, COMPUTE_ENTROPY: tl.constexpr):
     """(logp, entropy, m, log_s) from a full row state and the target's tempered logit zy.
 
-    A row whose every logit is -inf (s = 0) gets logp = log_s = -inf, m = 0 and entropy 0.
+    A row whose every logit is -inf (s = 0) gets logp = log_s = -inf, m = 0 and entropy 0. Without
+    COMPUTE_ENTROPY q is not accumulated and the entropy is 0.
     """
     alive = s > 0
     log_s = tl.where(alive, tl.log(tl.where(alive, s, 1.0)), float("-inf"))
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     logp = tl.where(alive, (zy - m_ref) - log_s, log_s)
-    entropy = tl.where(alive, log_s - q / tl.where(alive, s, 1.0), 0.0)
+    if COMPUTE_ENTROPY:
+        entropy = tl.where(alive, log_s - q / tl.where(alive, s, 1.0), 0.0)
+    else:
+        entropy = tl.zeros_like(log_s)
     return logp, entropy, m_ref, log_s
 
 

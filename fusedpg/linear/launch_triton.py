@@ -25,6 +25,7 @@ def forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``."""
     check_triton_dtype("hidden", hidden)
+    bias = None if bias is None else bias.contiguous()  # the kernels read bias with unit stride
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     cfg = tile_config(hidden.dtype)
@@ -50,7 +51,7 @@ def forward(
     logp, entropy, mx, log_s = (torch.empty(n, **f32) for _ in range(4))
     merge_bt = 128
     _linear_logprob_entropy_merge_kernel[(triton.cdiv(n, merge_bt),)](
-        m, s, q, zy, logp, entropy, mx, log_s, n, splits, BT=merge_bt,
+        m, s, q, zy, logp, entropy, mx, log_s, n, splits, COMPUTE_ENTROPY=opts.compute_entropy, BT=merge_bt,
     )
     return logp, entropy, mx, log_s
 
@@ -68,8 +69,12 @@ def backward(
     d: Optional[torch.Tensor],
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
+    accumulate: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
 ):
     """(d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed.
+
+    ``accumulate=(dw32, db32)``: add d_weight / d_bias into these fp32 buffers instead (callers that loop over
+    their own chunks), and return them as they are.
 
     Per chunk of rows a kernel writes dL/du ``[rows, V]`` (fp32 for fp32 inputs, else the input dtype) into one
     reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows and accumulates dweight
@@ -79,17 +84,21 @@ def backward(
     vocab = weight.shape[0]
     cfg = tile_config(hidden.dtype)
     need_h, need_w, need_b = needs
+    bias = None if bias is None else bias.contiguous()  # the kernels read bias with unit stride
     g_dtype = hidden.dtype
     rows = max(cfg.BT, opts.device_chunk_bytes // (vocab * g_dtype.itemsize) // cfg.BT * cfg.BT)
     rows = min(rows, n)
     g = torch.empty((rows, vocab), dtype=g_dtype, device=hidden.device)
-    single = rows == n
+    single = rows == n and accumulate is None
     dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
     dw = db = None
-    if need_w and not single:
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    if need_b:
-        db = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+    if accumulate is not None:
+        dw, db = accumulate
+    else:
+        if need_w and not single:
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if need_b:
+            db = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
     t, stride_t = temperature_arg(temp, n, hidden.device)
     c = c.float().contiguous()
     d = None if d is None else d.float().contiguous()
@@ -116,6 +125,8 @@ def backward(
                 dw.add_(torch.mm(gc.T, h))
         if need_b:
             db.add_(gc.sum(0, dtype=torch.float32))
+    if accumulate is not None:
+        return dh, dw, db
     return (
         dh,
         None if dw is None else dw.to(weight.dtype),

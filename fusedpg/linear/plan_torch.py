@@ -14,20 +14,20 @@ from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, divide_temperature_, rows_per_chunk, softmax_grad_, softmax_stats
 
 
-def _head(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
+def compute_head(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
     # Half-precision heads are upcast once per call: CPU half matmuls are slow and round the logits.
     w = weight if weight.dtype == work else weight.to(work)
     b = None if bias is None else (bias if bias.dtype == work else bias.to(work))
     return w, b
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp, work) -> torch.Tensor:
+def tempered_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp, work) -> torch.Tensor:
     h = h if h.dtype == work else h.to(work)
     z = torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T)
     return divide_temperature_(z, temp)
 
 
-def _slice_temp(temp, lo: int, hi: int):
+def slice_temperature(temp, lo: int, hi: int):
     return temp[lo:hi] if isinstance(temp, torch.Tensor) else temp
 
 
@@ -42,12 +42,12 @@ def forward(
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``."""
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
-    w, b = _head(weight, bias, work)
+    w, b = compute_head(weight, bias, work)
     outs = [torch.empty(n, dtype=work, device=hidden.device) for _ in range(4)]
     step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        z = _logits(hidden[lo:hi], w, b, _slice_temp(temp, lo, hi), work)
+        z = tempered_logits(hidden[lo:hi], w, b, slice_temperature(temp, lo, hi), work)
         for out, val in zip(outs, softmax_stats(z, targets[lo:hi], opts.compute_entropy)):
             out[lo:hi] = val
     return outs[0], outs[1], outs[2], outs[3]
@@ -73,7 +73,7 @@ def backward(
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
-    w, b = _head(weight, bias, work)
+    w, b = compute_head(weight, bias, work)
     need_h, need_w, need_b = needs
     dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
     dw = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_w else None
@@ -82,8 +82,8 @@ def backward(
     step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        t = _slice_temp(temp, lo, hi)
-        z = _logits(hidden[lo:hi], w, b, t, work)
+        t = slice_temperature(temp, lo, hi)
+        z = tempered_logits(hidden[lo:hi], w, b, t, work)
         g = softmax_grad_(z, targets[lo:hi], m[lo:hi], log_s[lo:hi], entropy[lo:hi], c[lo:hi],
                           None if d is None else d[lo:hi], t)
         if need_h:

@@ -24,6 +24,8 @@ class BlockIndex(NamedTuple):
     kv_q: torch.Tensor    # query tiles, grouped by (row, key tile)
     n_q_tiles: int
     n_kv_tiles: int
+    q_max: int            # longest list of q_kv (the kernels' trip count)
+    kv_max: int           # longest list of kv_q
 
 
 def tile_visibility(layout: PrefixLayout, block_m: int, block_n: int) -> torch.Tensor:
@@ -51,13 +53,15 @@ def _csr(vis: torch.Tensor):
     counts = vis.sum(-1).reshape(-1)
     ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
     ptr[1:] = counts.cumsum(0)
-    return ptr, vis.nonzero()[:, 2].to(torch.int32)  # nonzero is row-major: grouped by the first two indices
+    # nonzero is row-major: grouped by the first two indices
+    return ptr, vis.nonzero()[:, 2].to(torch.int32), int(counts.max()) if counts.numel() else 0
 
 
 def block_index(layout: PrefixLayout, block_m: int, block_n: int, device) -> BlockIndex:
     def build(dev):
         vis = tile_visibility(layout, block_m, block_n)
-        q_ptr, q_kv = _csr(vis)
-        kv_ptr, kv_q = _csr(vis.transpose(1, 2))
-        return BlockIndex(q_ptr.to(dev), q_kv.to(dev), kv_ptr.to(dev), kv_q.to(dev), vis.shape[1], vis.shape[2])
+        q_ptr, q_kv, q_max = _csr(vis)
+        kv_ptr, kv_q, kv_max = _csr(vis.transpose(1, 2))
+        return BlockIndex(q_ptr.to(dev), q_kv.to(dev), kv_ptr.to(dev), kv_q.to(dev), vis.shape[1], vis.shape[2],
+                          q_max, kv_max)
     return layout._cached(("blocks", block_m, block_n), device, build)

@@ -124,7 +124,11 @@ class PrefixLayout:
         return self._cached(("labels",), device, build)
 
     def position_ids(self, device="cpu") -> torch.Tensor:
-        """int64 ``[n_rows, seq_len]``: prompt ``0…P-1``; every completion restarts at ``P``; padding 0."""
+        """int64 ``[n_rows, seq_len]`` (a new tensor): prompt ``0…P-1``; every completion restarts at ``P``;
+        padding 0."""
+        return self._positions(device).clone()
+
+    def _positions(self, device) -> torch.Tensor:
         def build(dev):
             pos = torch.zeros((self.n_rows, self.seq_len), dtype=torch.int64)
             for r, s, p, comps in self.segments():
@@ -139,6 +143,13 @@ class PrefixLayout:
         attention ignores it, but other code such as a loss may use it)."""
         return self._cached(("mask",), device, lambda dev: (self.labels(dev)[0] >= 0).long())
 
+    def mask_placeholder(self, device="cpu") -> torch.Tensor:
+        """bool ``[n_rows, 1, seq_len, 0]``, for transformers' ``attention_mask`` beside ``prefix_layout``: a 4-D mask
+        is passed through unchanged, so transformers builds no ``S x S`` mask that the shared-prefix attention would
+        ignore; any other attention function given it fails loudly (its key dimension is empty)."""
+        return self._cached(("placeholder",), device,
+                            lambda dev: torch.zeros((self.n_rows, 1, self.seq_len, 0), dtype=torch.bool, device=dev))
+
     def check_position_ids(self, position_ids: torch.Tensor, name: str = "position_ids") -> None:
         """Raise ``ValueError`` unless ``position_ids`` (``[n_rows or 1, seq_len]``) equal ``position_ids()`` on
         every non-padding token. One comparison (a host synchronisation on CUDA); a tensor already checked is not
@@ -151,7 +162,7 @@ class PrefixLayout:
                 position_ids.shape[-1] != self.seq_len or position_ids.shape[0] not in (1, self.n_rows):
             shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids)
             raise ValueError(f"{name} must be [{self.n_rows}, {self.seq_len}] to match the layout, got {shape}")
-        want = self.position_ids(position_ids.device)
+        want = self._positions(position_ids.device)
         real = self.labels(position_ids.device)[0] >= 0
         bad = real & (position_ids.expand_as(want) != want)
         if bool(bad.any()):
@@ -228,7 +239,7 @@ class Packed(NamedTuple):
     def model_kwargs(self) -> dict:
         """Keyword arguments for a transformers causal LM set up by ``register_transformers``."""
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, prefix_layout=self.layout,
-                    use_cache=False)
+                    attention_mask=self.layout.mask_placeholder(self.input_ids.device), use_cache=False)
 
 
 def _as_ids(name: str, x) -> torch.Tensor:
@@ -237,6 +248,25 @@ def _as_ids(name: str, x) -> torch.Tensor:
         raise ValueError(f"{name} must be a 1-D integer tensor or list of token ids, got "
                          f"{tuple(t.shape)} {t.dtype}")
     return t.to("cpu", torch.int64)
+
+
+def place_groups(sizes: Sequence[int], max_row_len: int) -> Tuple[List[int], List[int]]:
+    """(row, start) per group: consecutive groups share a row while they fit in ``max_row_len`` tokens."""
+    rows: List[int] = []
+    starts: List[int] = []
+    fill: List[int] = []
+    for size in sizes:
+        if size > max_row_len:
+            raise ValueError(f"max_row_len must fit every group, got {max_row_len} < group length {size}")
+        if fill and fill[-1] + size <= max_row_len:
+            rows.append(len(fill) - 1)
+            starts.append(fill[-1])
+            fill[-1] += size
+        else:
+            rows.append(len(fill))
+            starts.append(0)
+            fill.append(size)
+    return rows, starts
 
 
 def pack(prompts, completions, *, pad_token_id: int = 0, max_row_len: Optional[int] = None,
@@ -271,21 +301,8 @@ def pack(prompts, completions, *, pad_token_id: int = 0, max_row_len: Optional[i
         cs.append([_as_ids(f"completions[{i}][{j}]", c) for j, c in enumerate(group)])
     prompt_lens = [p.numel() for p in ps]
     completion_lens = [[c.numel() for c in group] for group in cs]
-    rows, starts = None, None
-    if max_row_len is not None:
-        rows, starts, fill = [], [], []  # first fit, in order
-        for p, lens in zip(prompt_lens, completion_lens):
-            size = p + sum(lens)
-            if size > max_row_len:
-                raise ValueError(f"max_row_len must fit every group, got {max_row_len} < group length {size}")
-            if fill and fill[-1] + size <= max_row_len:
-                rows.append(len(fill) - 1)
-                starts.append(fill[-1])
-                fill[-1] += size
-            else:
-                rows.append(len(fill))
-                starts.append(0)
-                fill.append(size)
+    rows, starts = (None, None) if max_row_len is None else \
+        place_groups([p + sum(c) for p, c in zip(prompt_lens, completion_lens)], max_row_len)
     layout = PrefixLayout(prompt_lens, completion_lens, seq_len=seq_len, group_rows=rows, group_starts=starts)
     ids = torch.full((layout.n_rows, layout.seq_len), int(pad_token_id), dtype=torch.int64)
     for (r, s, p, comps), prompt, group in zip(layout.segments(), ps, cs):

@@ -55,10 +55,11 @@ def _store(out: torch.Tensor, b: int, lo: int, hi: int, x: torch.Tensor) -> None
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PrefixLayout, scale: float
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q ``[B, Hq, S, D]``, k, v ``[B, Hkv, S, D]`` -> (o ``[B, Hq, S, D]`` at q's dtype, lse ``[B, Hq, S]`` in the
-    work dtype; padding rows have o = 0, lse = -inf)."""
+    """q ``[B, Hq, S, D]``, k, v ``[B, Hkv, S, D]`` -> (o ``[B, Hq, S, D]`` at q's dtype, a view of a ``[B, S, Hq, D]``
+    buffer; lse ``[B, Hq, S]`` natural log, in the work dtype; padding rows have o = 0, lse = -inf)."""
     work, hkv = _work(q), k.shape[1]
-    o = torch.zeros(q.shape, dtype=work, device=q.device)
+    bsz, hq, s, d = q.shape
+    o = torch.zeros((bsz, s, hq, d), dtype=work, device=q.device).transpose(1, 2)  # transformers' output layout
     lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
     for b, a, p, comps in layout.segments():
         kp, vp = _rows(k, b, a, a + p, hkv, work), _rows(v, b, a, a + p, hkv, work)

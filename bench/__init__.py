@@ -1,0 +1,145 @@
+"""``fusedpg bench``: time and peak memory of fusedpg's ops against the eager reference and named peers.
+
+What is measured, per (case, shape, dtype, mode, impl), all impls on the same inputs in one process:
+  * time of one call: median and 20/80 quantiles (CUDA: triton.testing.do_bench; CPU: perf_counter over
+    warm-up + a few reps, impls interleaved);
+  * peak memory of that call above what was resident before it (inputs; for ``bwd`` also the retained graph):
+    CUDA max_memory_allocated, CPU the process's VmHWM after a reset through /proc/self/clear_refs.
+Modes: fwd+bwd, fwd (autograd recording), bwd (retained graph), fwd-nograd (opt-in). Cases and impls live in
+``registry.py`` and the ``case_*.py`` modules; ``fusedpg bench --list`` shows what runs here and why not.
+
+Output in --out (default bench/out/): rows.jsonl (as measured), results.json and results.csv (long format), table.md
+(the ratio table and the target lines, also printed) and <case>_time.png / <case>_memory.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _split(values: Optional[List[str]]) -> List[str]:
+    return [v.strip() for value in (values or []) for v in value.split(",") if v.strip()]
+
+
+def _default_out() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    # In a checkout (editable install) results go to the gitignored bench/out/; an installed copy writes to cwd.
+    if os.path.exists(os.path.join(here, os.pardir, "pyproject.toml")):
+        return os.path.join(here, "out")
+    return os.path.join(os.getcwd(), "bench-out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fusedpg bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes (CPU: well under 5 minutes)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--case", action="append", help="case names, comma-separated or repeated (default: all)")
+    p.add_argument("--shape", action="append", help="NxHxV, comma-free, repeatable; replaces the preset shapes")
+    p.add_argument("--impl", action="append",
+                   help="impl names (default: all that run on this device); naming an opt-in impl such as "
+                        "'compile' on CPU turns it on")
+    p.add_argument("--mode", action="append", help="fwd+bwd, fwd, bwd, fwd-nograd (default: fwd+bwd,fwd,bwd)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--reps", type=int, help="timed calls per measurement (default: 3 on CPU, about 10 on CUDA)")
+    p.add_argument("--warmup", type=int, default=1, help="CPU warm-up calls per impl (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop starting measurements after this long (rows say so)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/out/)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--list", action="store_true", help="list cases, impls (and whether they run here), modes, shapes")
+    p.add_argument("--_child", help=argparse.SUPPRESS)  # the memory subprocess of measure.py's fallback
+    return p
+
+
+def _list(device: str) -> None:
+    from .registry import MODES, SHAPE_PRESETS, availability, cases
+
+    for case in cases().values():
+        print(f"case {case.name}: {case.description}")
+        for impl in case.impls:
+            status, detail = availability(impl, device, None)
+            print(f"  {impl.name:8s} [{impl.role}] {status} on {device}{': ' + detail if detail else ''}")
+    print("modes: " + ", ".join(f"{k} ({v})" for k, v in MODES.items()))
+    for (dev, quick), shapes in SHAPE_PRESETS.items():
+        print(f"shapes {dev}{' --quick' if quick else ''}: " + " ".join(s.label for s in shapes))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from . import measure
+    from .registry import DEFAULT_DTYPE, DEFAULT_MODES, MODES, SHAPE_PRESETS, Shape, all_impl_names, cases
+
+    if args._child:
+        from .runner import child_main
+
+        return child_main(args._child)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fusedpg bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    if args.list:
+        _list(device)
+        return 0
+    registry = cases()
+    names, modes, impls = _split(args.case) or list(registry), _split(args.mode) or list(DEFAULT_MODES), _split(args.impl)
+    for label, chosen, known in (("case", names, registry), ("mode", modes, MODES), ("impl", impls, all_impl_names())):
+        bad = [c for c in chosen if c not in known]
+        if bad:
+            print(f"fusedpg bench: unknown --{label} {bad}; known: {sorted(known)}", file=sys.stderr)
+            return 2
+    try:
+        shapes = [Shape.parse(s) for s in _split(args.shape)] or list(SHAPE_PRESETS[(device, args.quick)])
+    except ValueError as err:
+        print(f"fusedpg bench: {err}", file=sys.stderr)
+        return 2
+    return _run(args, device, names, shapes, modes, impls or None, DEFAULT_DTYPE, measure)
+
+
+def _run(args, device, names, shapes, modes, impls, default_dtype, measure) -> int:
+    from .plots import plot_rows
+    from .progress import Progress
+    from .report import RowSink, environment, markdown_table, stamp_line, target_lines
+    from .runner import Plan, Runner
+
+    memory = "clear_refs" if device == "cuda" or measure.clear_refs_writable() else "subprocess"
+    plan = Plan(device=device, dtype=args.dtype or default_dtype[device], cases=names, shapes=shapes, modes=modes,
+                impls=impls, reps=args.reps or (3 if device == "cpu" else 10), warmup=args.warmup, seed=args.seed,
+                max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, memory=memory)
+    out = os.path.abspath(args.out or _default_out())
+    env = environment(device)
+    sink = RowSink(out, env)
+    runner = Runner(plan, sink)
+    runner.progress = Progress(runner.count(), enabled=not args.no_progress)
+    print(f"fusedpg bench on {env['device_name']} ({plan.dtype}; torch {env['torch_version']}, "
+          f"triton {env['triton_version']}, commit {env['git_commit'][:12]})")
+    print(f"  cases {','.join(names)}; shapes {' '.join(s.label for s in shapes)}; modes {','.join(modes)}; "
+          f"{plan.reps} reps" + (f" after {plan.warmup} warm-up" if device == "cpu" else " (do_bench)")
+          + ("; CPU peak memory from a fresh subprocess per measurement (clear_refs not writable)"
+             if memory == "subprocess" else ""), flush=True)
+    try:
+        runner.run()
+    finally:
+        runner.progress.close()
+        files = sink.finish()
+    table = markdown_table(sink.rows)
+    targets = target_lines(sink.rows)
+    files["table"] = os.path.join(out, "table.md")
+    with open(files["table"], "w") as f:
+        f.write(f"# fusedpg bench\n\n{stamp_line(sink.rows)}\n\n{table}\n\n" + "\n".join(f"- {t}" for t in targets)
+                + "\n")
+    print("\n" + table + "\n")
+    for line in targets:
+        print(line)
+    plots = [] if args.no_plots else plot_rows(sink.rows, out)
+    print("\nrows:  " + files["json"] + "\n       " + files["csv"] + "\ntable: " + files["table"])
+    print("plots: " + ("\n       ".join(plots) if plots else "none"))
+    failed = [r for r in sink.rows if r["role"] == "ours" and r["status"] == "error"]
+    return 1 if failed else 0

@@ -1,0 +1,229 @@
+"""Rows out: environment stamp, JSON/JSONL/CSV writers, the markdown ratio table and the target lines.
+
+A row is long-format: one (case, shape, dtype, mode, impl) with its median and 20/80-quantile milliseconds, its
+peak memory above the inputs in bytes, a status ("ok", "missing", "skipped", "oom", "error") and the machine
+stamp (device, torch/triton/fusedpg versions, git commit, UTC time) so that a file of rows stands alone.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+MIB = float(1 << 20)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit(path: Optional[str] = None) -> str:
+    """The commit of the checkout holding ``path`` (this package by default), with "+dirty" for local changes to
+    tracked files. Outside a git checkout (a copied work tree on a GPU machine): ``FUSEDPG_GIT_COMMIT`` if set,
+    else "unknown"."""
+    where = path or os.path.dirname(os.path.abspath(__file__))
+    fallback = os.environ.get("FUSEDPG_GIT_COMMIT", "").strip() or "unknown"
+    try:
+        sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return fallback
+    return (sha + "+dirty" if dirty else sha) if sha else fallback
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> Dict:
+    """The stamp merged into every row."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"{cpu_name()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+    return {
+        "device_type": device, "device_name": name, "torch_version": torch.__version__,
+        "triton_version": _version("triton"), "cuda_version": torch.version.cuda or "",
+        "fusedpg_version": _version("fusedpg"), "git_commit": git_commit(),
+        "utc_time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python_version": platform.python_version(),
+    }
+
+
+class RowSink:
+    """Appends each row to ``rows.jsonl`` as it arrives (a run cut short keeps its rows), then writes
+    ``results.json`` and ``results.csv`` at the end."""
+
+    def __init__(self, out_dir: str, env: Dict):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.env, self.rows = out_dir, env, []
+        self.jsonl = os.path.join(out_dir, "rows.jsonl")
+        open(self.jsonl, "w").close()
+
+    def __call__(self, row: Dict) -> None:
+        full = {**row, **self.env}
+        self.rows.append(full)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(full) + "\n")
+
+    def finish(self) -> Dict[str, str]:
+        paths = {"json": os.path.join(self.out_dir, "results.json"), "csv": os.path.join(self.out_dir, "results.csv")}
+        write_json(paths["json"], self.rows)
+        write_csv(paths["csv"], self.rows)
+        return paths
+
+
+def write_json(path: str, rows: Sequence[Dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(list(rows), f, indent=1)
+        f.write("\n")
+
+
+def write_csv(path: str, rows: Sequence[Dict]) -> None:
+    fields: List[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_rows(paths: Iterable[str]) -> List[Dict]:
+    rows: List[Dict] = []
+    for path in paths:
+        with open(path) as f:
+            rows.extend(json.load(f) if path.endswith(".json") else (json.loads(line) for line in f if line.strip()))
+    return rows
+
+
+def _key(row: Dict):
+    return row["case"], row["shape"], row["dtype"], row["mode"]
+
+
+def ratio(ours: Optional[float], theirs: Optional[float]) -> Optional[float]:
+    if ours is None or theirs is None or theirs <= 0:
+        return None
+    return ours / theirs
+
+
+def _fmt(x: Optional[float], spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(rows: Sequence[Dict]) -> str:
+    """One line per measured row, grouped by (case, shape, dtype, mode); the last two columns divide ours by that
+    impl (below 1: ours is faster / smaller). Rows that could not run here for a fixed reason (missing, skipped)
+    become one note per case and impl under the table; out-of-memory, errors and time-budget skips stay in place."""
+    head = ("| case | shape N×H×V | dtype | mode | impl | median ms | q20–q80 ms | peak MiB above inputs | TFLOP/s "
+            "| ours ÷ impl time | ours ÷ impl memory |")
+    lines = [head, "|" + "---|" * 5 + "---:|" * 6]
+    groups: Dict = {}
+    notes: Dict = {}
+    for row in rows:
+        if row["status"] in ("missing", "skipped") and "time budget" not in row.get("detail", ""):
+            notes.setdefault((row["case"], row["impl"], row["status"], row.get("detail", "")), set()).add(row["mode"])
+            continue
+        groups.setdefault(_key(row), []).append(row)
+    for key, group in groups.items():
+        ours = next((r for r in group if r["impl"] == "ours" and r["status"] == "ok"), None)
+        for r in group:
+            cells = list(key) + [r["impl"]]
+            if r["status"] != "ok":
+                cells += [f"{r['status']}: {r.get('detail', '')}".replace("|", "/")] + [""] * 5
+            else:
+                mem = r.get("peak_mem_bytes")
+                cells += [
+                    _fmt(r["median_ms"], ".4g"), f"{_fmt(r['q20_ms'], '.4g')}–{_fmt(r['q80_ms'], '.4g')}",
+                    _fmt(None if mem is None else mem / MIB, ".1f"), _fmt(r.get("tflops"), ".3g"),
+                    _fmt(ratio(ours and ours["median_ms"], r["median_ms"])),
+                    _fmt(ratio(ours and ours.get("peak_mem_bytes"), mem)),
+                ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    all_modes: Dict[str, set] = {}
+    for r in rows:
+        all_modes.setdefault(r["case"], set()).add(r["mode"])
+    if notes:
+        lines.append("")
+    for (case, impl, status, detail), modes in notes.items():
+        where = "" if modes == all_modes[case] else f" (mode {', '.join(sorted(modes))})"
+        lines.append(f"- not measured: {case} / {impl}{where}: {status}, {detail}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A stated goal: ``metric`` is "time_ratio"/"mem_ratio" (ours ÷ eager) or "ms" (ours' median)."""
+
+    device: str
+    case: str
+    shape: str
+    dtype: str
+    mode: str
+    metric: str
+    bound: float
+    source: str
+
+
+TARGETS = (
+    Target("cpu", "linear", "4096x1024x32000", "fp32", "fwd+bwd", "time_ratio", 1.2, "foundation issue"),
+    Target("cpu", "linear", "4096x1024x32000", "fp32", "fwd+bwd", "mem_ratio", 1 / 3, "foundation issue"),
+    # peers.md §3.5, recompute design, bf16, H100/H200.
+    *(Target("cuda", "linear", s, "bf16", "fwd+bwd", "ms", b, "peers.md §3.5")
+      for s, b in (("8192x4096x151936", 60), ("16384x2048x151936", 64), ("8192x4096x128256", 50))),
+    *(Target("cuda", "linear", s, "bf16", "fwd", "ms", b, "peers.md §3.5")
+      for s, b in (("8192x4096x151936", 16), ("16384x2048x151936", 17), ("8192x4096x128256", 14))),
+)
+_METRIC_TEXT = {"time_ratio": "time ours/eager", "mem_ratio": "peak memory ours/eager", "ms": "ours median ms"}
+
+
+def target_lines(rows: Sequence[Dict]) -> List[str]:
+    """One line per target whose group was measured: the value, the bound and whether it is met."""
+    lines = []
+    for t in TARGETS:
+        group = {r["impl"]: r for r in rows if r.get("device_type", t.device) == t.device
+                 and _key(r) == (t.case, t.shape, t.dtype, t.mode)}
+        if "ours" not in group:
+            continue
+        ours, eager = group["ours"], group.get("eager", {})
+        if ours["status"] != "ok":
+            value = None
+        elif t.metric == "ms":
+            value = ours["median_ms"]
+        elif t.metric == "time_ratio":
+            value = ratio(ours["median_ms"], eager.get("median_ms") if eager.get("status") == "ok" else None)
+        else:
+            value = ratio(ours.get("peak_mem_bytes"), eager.get("peak_mem_bytes") if eager.get("status") == "ok" else None)
+        verdict = "not measured" if value is None else ("MET" if value <= t.bound else "MISSED")
+        lines.append(f"target {t.case} {t.shape} {t.dtype} {t.mode}: {_METRIC_TEXT[t.metric]} = {_fmt(value, '.3f')} "
+                     f"(target <= {t.bound:.3g}, {t.source}): {verdict}")
+    return lines
+
+
+def stamp_line(rows: Sequence[Dict]) -> str:
+    """Which machine and code produced rows (the first row's stamp; mixed files list every device/commit)."""
+    pairs = sorted({(r.get("device_name", "?"), r.get("git_commit", "?")) for r in rows})
+    first = rows[0] if rows else {}
+    return "; ".join(f"{d}, commit {c[:12]}{'+dirty' if c.endswith('+dirty') else ''}" for d, c in pairs) + (
+        f"; torch {first.get('torch_version', '?')}, triton {first.get('triton_version', '?')}, "
+        f"{first.get('utc_time', '?')}")

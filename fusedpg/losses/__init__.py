@@ -1,0 +1,24 @@
+"""Per-token policy-gradient losses (losses.md): variants, aggregation, KL, entropy, rollout IS, OPSM.
+
+Public API:
+    pg_loss(logp, advantages, mask, *, entropy, old_logp, ref_logp, loss_type, config, **options) -> (loss, metrics)
+    PGLossConfig                      one frozen dataclass of options
+Engine contract (README.md in this folder):
+    prepare(advantages, mask, ...) -> PGBatch           mask-only / precomputed, [N]-flattened, once per batch
+    plan_of(config) -> "one_pass" | "sequence" | "two_phase"
+    batch_coefficients(batch, logp, entropy, config)    two-phase hook on detached full-batch values
+    token_loss(batch.slice(lo, hi), logp, entropy, config) -> (contribution [n], metric sums)
+    merge_metrics / finalize_metrics                    combine chunk sums, then means
+"""
+from .batch import PGBatch, prepare
+from .config import PGLossConfig, make_config, plan_of, requirements, resolve
+from .engine import batch_coefficients, pg_loss, token_loss
+from .metrics import finalize_metrics, merge_metrics
+from .registry import Variant, get_variant, variant_names
+from .regularizers import AdaptiveEntropyCoef
+
+__all__ = [
+    "pg_loss", "PGLossConfig", "PGBatch", "prepare", "token_loss", "batch_coefficients", "plan_of",
+    "merge_metrics", "finalize_metrics", "get_variant", "variant_names", "Variant", "make_config", "resolve",
+    "requirements", "AdaptiveEntropyCoef",
+]

@@ -1,0 +1,166 @@
+"""``PGBatch`` and ``prepare``: everything mask-only or precomputed, flattened to ``[N]``, computed once.
+
+A ``PGBatch`` holds per-token tensors of one micro-batch (the aggregation weights ``w_t`` and ``w^H_t``, the
+advantage broadcast per token, the fixed log-probs, the rollout IS weights, precomputed variant quantities) plus
+the sequence layout. ``batch.slice(lo, hi)`` cuts it on sequence boundaries; ``token_loss`` on each slice gives
+that slice's exact share of the loss (engine contract, README.md).
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import aggregation
+from .config import PGLossConfig, make_config, resolve
+from .registry import get_variant
+from .validate import flat_inputs
+
+
+@dataclass(frozen=True)
+class PGBatch:
+    """Flattened ``[N]`` inputs of the loss. Slices hold whole sequences; ``seq_local`` restarts at 0."""
+
+    mask: torch.Tensor  # float 0/1 loss mask
+    active: torch.Tensor  # bool: tokens that carry loss (= mask > 0 unless luspo_unmasked parity)
+    seq_local: torch.Tensor  # int64 sequence index, 0..num_seqs-1, non-decreasing
+    offsets: Tuple[int, ...]  # token offsets of the sequences, len num_seqs + 1, offsets[0] = 0
+    advantages: torch.Tensor
+    weights: torch.Tensor  # w_t of the policy and KL terms
+    entropy_weights: torch.Tensor  # w^H_t of the entropy bonus
+    adv_per_seq: bool = True  # advantages were one value per sequence (TRL's sequence-level metric counting)
+    old_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    rollout_logp: Optional[torch.Tensor] = None
+    is_weights: Optional[torch.Tensor] = None
+    token_weights: Optional[torch.Tensor] = None
+    old_entropy: Optional[torch.Tensor] = None
+    group: Optional[torch.Tensor] = None
+    step: Optional[torch.Tensor] = None
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)  # variant tensors: [N] or 0-dim scalars
+    shape: Optional[Tuple[int, int]] = None  # (B, T) of a padded input, None for packed input
+    has_seq_ids: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    def slice(self, lo: int, hi: int) -> "PGBatch":
+        """Tokens ``[lo, hi)``; both must be sequence boundaries (entries of ``offsets``)."""
+        a, b = bisect.bisect_left(self.offsets, lo), bisect.bisect_left(self.offsets, hi)
+        if a == len(self.offsets) or b == len(self.offsets) or self.offsets[a] != lo or self.offsets[b] != hi:
+            raise ValueError(
+                f"slice bounds must be sequence boundaries (offsets {list(self.offsets[:8])}"
+                f"{'...' if len(self.offsets) > 8 else ''}), got ({lo}, {hi})"
+            )
+        if b < a:
+            raise ValueError(f"slice needs lo <= hi, got ({lo}, {hi})")
+        cut = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == self.num_tokens:
+                cut[f.name] = v[lo:hi]
+        cut["seq_local"] = self.seq_local[lo:hi] - a
+        cut["offsets"] = tuple(o - lo for o in self.offsets[a:b + 1])
+        cut["extra"] = {k: (v[lo:hi] if v.dim() == 1 else v) for k, v in self.extra.items()}
+        return dataclasses.replace(self, **cut)
+
+    def updated(self, values: Dict[str, torch.Tensor]) -> "PGBatch":
+        """Merge ``batch_coefficients`` output: known fields are replaced, other names go to ``extra``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        known = {k: v for k, v in values.items() if k in names}
+        extra = dict(self.extra, **{k: v for k, v in values.items() if k not in names})
+        return dataclasses.replace(self, extra=extra, **known)
+
+
+def prepare(
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    rollout_logp: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    old_entropy: Optional[torch.Tensor] = None,
+    seq_ids: Optional[torch.Tensor] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    step_ids: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    truncated: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+    loss_type: Optional[str] = None,
+    config: Optional[PGLossConfig] = None,
+    **options,
+) -> PGBatch:
+    """Build the ``PGBatch`` of one micro-batch from mask-shaped (``[B, T]`` or packed ``[N]``) inputs.
+
+    Nothing here depends on the current policy. ``advantages`` is ``[B]`` (or ``[B, 1]``) per sequence or
+    ``[B, T]`` per token (packed: ``[S]`` or ``[N]``). ``group_ids`` and ``truncated`` are per sequence;
+    ``step_ids`` (EMPG turns) and ``token_weights`` (a precomputed multiplier of the policy term, e.g. GTPO's
+    conflict weights) are per token. ``dtype`` is the working precision (default: fp32, or fp64 if an input is).
+    """
+    cfg = resolve(make_config(config, loss_type, **options))
+    var = get_variant(cfg.loss_type)
+    f = flat_inputs(cfg, var, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                    is_weights=is_weights, old_entropy=old_entropy, seq_ids=seq_ids, group_ids=group_ids,
+                    step_ids=step_ids, token_weights=token_weights, truncated=truncated, dtype=dtype)
+    m, seq, nseq = f["mask"], f["seq"], f["num_seqs"]
+    # luspo_unmasked (TRL parity) lets padded cells contribute, so they stay active and unsanitised
+    active = torch.ones_like(m, dtype=torch.bool) if cfg.luspo_unmasked else m > 0
+    zero = torch.zeros((), dtype=m.dtype, device=m.device)
+    for name in ("old_logp", "ref_logp", "rollout_logp", "old_entropy"):
+        if f.get(name) is not None:  # -inf / garbage on masked tokens must not reach exp or autograd
+            f[name] = torch.where(active, f[name], zero)
+    f["extra"] = {}
+    f["is_weights"] = _rollout_weights(cfg, f, m, seq, nseq)
+    token_shaped = (cfg.importance_sampling_level != "sequence" or cfg.beta != 0 or cfg.top_entropy_quantile < 1
+                    or not f["adv_per_seq"] or (f["is_weights"] is not None and not f["is_seq_weights"]))
+    w = aggregation.policy_weights(m, seq, nseq, cfg, width=f["width"], group=f.get("group"),
+                                   token_shaped=token_shaped)
+    batch = PGBatch(
+        mask=m, active=active, seq_local=seq, offsets=f["offsets"], advantages=f["advantages"], weights=w,
+        entropy_weights=aggregation.entropy_weights(m, m, w, cfg), adv_per_seq=f["adv_per_seq"],
+        old_logp=f.get("old_logp"), ref_logp=f.get("ref_logp"), rollout_logp=f.get("rollout_logp"),
+        is_weights=f["is_weights"], token_weights=f.get("token_weights"), old_entropy=f.get("old_entropy"),
+        group=f.get("group"), step=f.get("step"), extra=f["extra"], shape=f["shape"], has_seq_ids=f["has_seq_ids"],
+    )
+    return batch if var.prep is None else batch.updated(var.prep(batch, cfg))
+
+
+def _rollout_weights(cfg, f, m, seq, nseq) -> Optional[torch.Tensor]:
+    """Rollout/trainer mismatch weights (losses.md §3.5), detached; or the caller's precomputed ones."""
+    f["is_seq_weights"] = f.get("is_weights_per_seq", False)
+    if cfg.rollout_is is None:
+        w = f.get("is_weights")
+    else:
+        diff = (f["old_logp"] - f["rollout_logp"]) * m
+        if cfg.rollout_is.startswith("sequence"):
+            diff = torch.zeros(nseq, dtype=m.dtype, device=m.device).index_add(0, seq, diff)[seq]
+            f["is_seq_weights"] = True
+        bound = cfg.log_ratio_clamp
+        w = torch.exp(diff if bound is None else diff.clamp(-bound, bound))
+        lo, hi = cfg.rollout_is_min, cfg.rollout_is_max
+        if cfg.rollout_is.endswith("truncate"):
+            w = w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else w
+        else:
+            bad = torch.zeros_like(w, dtype=torch.bool)
+            if lo is not None:
+                bad |= w < lo
+            if hi is not None:
+                bad |= w > hi
+            w = w.masked_fill(bad, 0.0)
+    return None if w is None else w.detach()
+
+
+__all__ = ["PGBatch", "prepare"]

@@ -1,0 +1,134 @@
+"""Input checks and flattening for ``prepare``. Every error names the argument, the expectation and the value."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import checks
+from .config import plan_of, requirements
+
+_SEQ_AGGREGATIONS = ("grpo", "dr_grpo", "luspo", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def _binary(name: str, t: torch.Tensor) -> None:
+    if t.dtype == torch.bool:
+        return
+    if t.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {checks._describe(t)}")
+    if t.numel() and not bool(((t == 0) | (t == 1)).all()):
+        bad = t[(t != 0) & (t != 1)][0].item()
+        raise ValueError(f"{name} must be binary (bool or 0/1), got a tensor containing {bad}")
+
+
+def _same_shape(name: str, t: Optional[torch.Tensor], ref: torch.Tensor, floating: bool = True):
+    if t is None:
+        return None
+    (checks.floating if floating else checks.integer)(name, t)
+    checks.same_device(name, t, "mask", ref)
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"{name} must have the shape of mask {tuple(ref.shape)}, got {checks._describe(t)}")
+    return t.reshape(-1)
+
+
+def _per_seq_or_token(name: str, t: torch.Tensor, mask: torch.Tensor, nseq: int, seq: torch.Tensor):
+    """Returns (per-token [N] values, was_per_sequence)."""
+    checks.same_device(name, t, "mask", mask)
+    n = mask.numel()
+    if mask.dim() == 2:
+        b, tt = mask.shape
+        if tuple(t.shape) in ((b,), (b, 1)):
+            return t.reshape(b)[seq], True
+        if tuple(t.shape) == (b, tt):
+            return t.reshape(-1), False
+        expect = f"({b},), ({b}, 1) or ({b}, {tt})"
+    else:
+        if tuple(t.shape) == (nseq,):
+            return t[seq], True
+        if tuple(t.shape) == (n,):
+            return t, False
+        expect = f"({nseq},) per sequence or ({n},) per token"
+    raise ValueError(f"{name} must have shape {expect} to match mask {tuple(mask.shape)}, got {checks._describe(t)}")
+
+
+def flat_inputs(cfg, var, advantages, mask, *, old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids,
+                group_ids, step_ids, token_weights, truncated, dtype) -> dict:
+    checks.tensor("mask", mask)
+    if mask.dim() not in (1, 2):
+        raise ValueError(f"mask must be [B, T] or packed [N], got {checks._describe(mask)}")
+    _binary("mask", mask)
+    checks.floating("advantages", advantages)
+    given = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp, "old_entropy": old_entropy}
+    for name in sorted(requirements(cfg) - {"entropy"}):
+        if given.get(name) is None:
+            raise ValueError(f"{name} is required by loss_type={cfg.loss_type!r} with these options, got None")
+    if cfg.off_policy_mask_threshold is not None and old_logp is None and rollout_logp is None:
+        raise ValueError("old_logp or rollout_logp is required by off_policy_mask_threshold (OPSM), got neither")
+    if is_weights is not None and cfg.rollout_is is not None:
+        raise ValueError(f"is_weights (precomputed) and rollout_is={cfg.rollout_is!r} contradict each other; pass one")
+    floats = [t.dtype for t in (advantages, old_logp, ref_logp, rollout_logp, old_entropy, is_weights) if t is not None]
+    work = dtype or (torch.float64 if torch.float64 in floats else torch.float32)
+    out = {"shape": tuple(mask.shape) if mask.dim() == 2 else None, "width": mask.shape[1] if mask.dim() == 2 else None}
+    n = mask.numel()
+    dev = mask.device
+    if mask.dim() == 2:
+        b, t = mask.shape
+        if seq_ids is not None:
+            raise ValueError(f"seq_ids is for packed [N] input only; mask is [B, T] = {tuple(mask.shape)}")
+        seq = torch.arange(b, device=dev).repeat_interleave(t)
+        offsets = tuple(range(0, b * t + 1, t)) if t > 0 else (0,) * (b + 1)
+        out["has_seq_ids"] = True
+    elif seq_ids is None:
+        plan = plan_of(cfg)
+        if plan != "one_pass" or cfg.aggregation in _SEQ_AGGREGATIONS or cfg.mask_truncated_completions:
+            why = (f"the {plan} plan" if plan != "one_pass" else f"aggregation={cfg.aggregation!r}")
+            raise ValueError(f"seq_ids is required for packed [N] input with {why} (it needs sequence boundaries), got None")
+        seq = torch.zeros(n, dtype=torch.long, device=dev)
+        offsets = (0, n) if n else (0,)
+        out["has_seq_ids"] = False
+    else:
+        checks.integer("seq_ids", seq_ids)
+        checks.same_device("seq_ids", seq_ids, "mask", mask)
+        if tuple(seq_ids.shape) != (n,):
+            raise ValueError(f"seq_ids must have shape ({n},) like mask, got {checks._describe(seq_ids)}")
+        if n and bool((seq_ids[1:] < seq_ids[:-1]).any()):
+            raise ValueError("seq_ids must be non-decreasing (each sequence one contiguous run), got a decrease")
+        change = torch.ones(n, dtype=torch.bool, device=dev)
+        change[1:] = seq_ids[1:] != seq_ids[:-1]
+        seq = torch.cumsum(change.long(), 0) - 1
+        starts = torch.nonzero(change).flatten().tolist()
+        offsets = tuple(starts) + (n,) if n else (0,)
+        out["has_seq_ids"] = True
+    nseq = len(offsets) - 1
+    if mask.dim() == 1 and cfg.aggregation == "seq-mean-token-sum-norm" and cfg.loss_scale_factor is None:
+        raise ValueError("loss_scale_factor is required for aggregation='seq-mean-token-sum-norm' with packed [N] "
+                         "input (verl's default C is the padded width T, which packed input does not have)")
+    if mask.dim() == 1 and cfg.luspo_unmasked:
+        raise ValueError("luspo_unmasked (TRL's padded B*T mean) needs padded [B, T] input, got packed [N]")
+    m = mask.reshape(-1).to(work)
+    if truncated is not None:
+        checks.tensor("truncated", truncated)
+        if tuple(truncated.reshape(-1).shape) != (nseq,):
+            raise ValueError(f"truncated must hold one flag per sequence ({nseq},), got {checks._describe(truncated)}")
+        _binary("truncated", truncated)
+        if cfg.mask_truncated_completions:
+            m = m * (1 - truncated.reshape(-1).to(work))[seq]
+    adv, per_seq = _per_seq_or_token("advantages", advantages, mask, nseq, seq)
+    out.update(mask=m, seq=seq, num_seqs=nseq, offsets=offsets, advantages=adv.detach().to(work), adv_per_seq=per_seq)
+    for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp),
+                        ("old_entropy", old_entropy), ("token_weights", token_weights)):
+        v = _same_shape(name, value, mask)
+        out[name] = None if v is None else v.detach().to(work)
+    if step_ids is not None:
+        out["step"] = _same_shape("step_ids", step_ids, mask, floating=False)
+    if is_weights is not None:
+        checks.floating("is_weights", is_weights)
+        w, out["is_weights_per_seq"] = _per_seq_or_token("is_weights", is_weights, mask, nseq, seq)
+        out["is_weights"] = w.detach().to(work)
+    if group_ids is not None:
+        checks.integer("group_ids", group_ids)
+        checks.same_device("group_ids", group_ids, "mask", mask)
+        if tuple(group_ids.shape) != (nseq,):
+            raise ValueError(f"group_ids must hold one id per sequence ({nseq},), got {checks._describe(group_ids)}")
+        out["group"] = group_ids[seq]
+    return out

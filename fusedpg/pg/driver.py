@@ -1,0 +1,114 @@
+"""The chunk driver of the fused PG loss: sequence-aligned chunks of active tokens, statistics, per-token
+coefficients from the loss layer, gradient contributions; and the autograd Function around it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..losses import PGBatch, PGLossConfig, merge_metrics, token_loss
+from ..options import LogProbOptions
+from ..softmax_math import rows_per_chunk
+from .steps import TorchStep, TritonStep
+
+
+def sequence_chunks(offsets: Tuple[int, ...], active: torch.Tensor, max_rows: int) -> List[Tuple[int, int]]:
+    """Token ranges ``[lo, hi)`` on sequence boundaries, each holding at most ``max_rows`` active tokens unless a
+    single sequence alone has more (then that sequence is one chunk). One host read of the active counts."""
+    if len(offsets) < 2:
+        return []
+    csum = torch.cat([active.new_zeros(1, dtype=torch.long), active.long().cumsum(0)]).tolist()
+    chunks, lo = [], offsets[0]
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if b > lo and csum[b] - csum[lo] > max_rows and a > lo:
+            chunks.append((lo, a))
+            lo = a
+    if offsets[-1] > lo or not chunks:
+        chunks.append((lo, offsets[-1]))
+    return chunks
+
+
+@dataclass
+class FusedRun:
+    """Everything that is not a differentiable tensor, for one call; results land in ``loss``/``metrics``."""
+
+    batch: PGBatch
+    cfg: PGLossConfig
+    targets: torch.Tensor  # [N]
+    temp: object  # float or [N] fp32
+    impl: str
+    opts: LogProbOptions
+    want_token_stats: bool = False
+    metrics: Optional[Dict[str, torch.Tensor]] = None
+    logp: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+
+    def execute(self, hidden, weight, bias, needs):
+        """Loss and, where ``needs`` asks, (dh, dW, db) — all computed in this one forward pass."""
+        batch, cfg = self.batch, self.cfg
+        need_h, need_w, need_b = needs
+        work = batch.dtype
+        n = hidden.shape[0]
+        step = (TritonStep if self.impl == "triton" else TorchStep)(weight, bias, self.opts)
+        budget = self.opts.device_chunk_bytes if self.impl == "triton" else self.opts.chunk_bytes
+        max_rows = rows_per_chunk(weight.shape[0], budget, 4)
+        dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32 if work != torch.float64 else work,
+                         device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=dw.dtype if dw is not None else torch.float32,
+                         device=weight.device) if need_b else None
+        logp_all = torch.zeros(n, dtype=work, device=hidden.device)
+        ent_all = torch.zeros(n, dtype=work, device=hidden.device)
+        loss = torch.zeros((), dtype=work, device=hidden.device)
+        sums: Dict[str, torch.Tensor] = {}
+        grads = any(needs)
+        for lo, hi in sequence_chunks(batch.offsets, batch.active, max_rows):
+            idx = torch.nonzero(batch.active[lo:hi]).squeeze(1) + lo
+            lp = torch.zeros(hi - lo, dtype=work, device=hidden.device)
+            en = torch.zeros(hi - lo, dtype=work, device=hidden.device)
+            h, y = hidden.index_select(0, idx), self.targets.index_select(0, idx)
+            t = self.temp.index_select(0, idx) if isinstance(self.temp, torch.Tensor) else self.temp
+            if idx.numel():
+                lp_a, en_a = step.stats(h, y, t)
+                lp[idx - lo], en[idx - lo] = lp_a.to(work), en_a.to(work)
+            lp.requires_grad_(grads)
+            en.requires_grad_(grads)
+            with torch.enable_grad():
+                contrib, part = token_loss(batch.slice(lo, hi), lp, en, cfg)
+                total = contrib.sum()
+            loss = loss + total.detach()
+            sums = merge_metrics(sums, {k: v.detach() for k, v in part.items()})
+            logp_all[lo:hi], ent_all[lo:hi] = lp.detach(), en.detach()
+            if grads and idx.numel() and total.requires_grad:
+                c, d = torch.autograd.grad(total, [lp, en], allow_unused=True)
+                c = torch.zeros_like(lp) if c is None else c
+                d_a = None if d is None else d.index_select(0, idx - lo)
+                dh_rows = torch.empty_like(h) if need_h else None
+                step.grads(h, y, t, c.index_select(0, idx - lo), d_a, dh_rows, dw, db)
+                if need_h:
+                    dh.index_copy_(0, idx, dh_rows)
+        self.metrics = sums
+        if self.want_token_stats:
+            self.logp, self.entropy = logp_all, ent_all
+        return loss, dh, dw, db
+
+
+class FusedLinearPGLossFunction(torch.autograd.Function):
+    """hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None -> scalar loss. The gradients are formed during
+    the forward (one pass); backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run: FusedRun, needs):
+        loss, dh, dw, db = run.execute(hidden, weight, bias, needs)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw, db = ctx.saved_tensors
+        out = []
+        for g, dt in zip((dh, dw, db), ctx.dtypes):
+            out.append(None if g is None else (g * grad_loss.to(g.dtype)).to(dt))
+        return out[0], out[1], out[2], None, None

@@ -1,0 +1,62 @@
+"""Per-chunk steps of the fused PG loss: produce a chunk's (logp, entropy), then, given the loss's per-token
+``c = dL/dlogp`` and ``d = dL/dH``, its gradient contributions. One class per backend, same two methods."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..linear.plan_torch import compute_head, tempered_logits
+from ..options import LogProbOptions
+from ..softmax_math import compute_dtype, softmax_grad_, softmax_stats
+
+
+class TorchStep:
+    """One pass on the torch plan: the chunk's fp32 logits stay alive between the statistics and the gradient,
+    so each chunk costs one logits GEMM and two gradient GEMMs (6·n·H·V FLOPs)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], opts: LogProbOptions):
+        self.work = compute_dtype(weight.dtype)
+        self.w, self.b = compute_head(weight, bias, self.work)
+        self.opts = opts
+
+    def stats(self, h: torch.Tensor, y: torch.Tensor, temp):
+        self.z = tempered_logits(h, self.w, self.b, temp, self.work)
+        logp, ent, _, self.log_s = softmax_stats(self.z, y, self.opts.compute_entropy)  # z is now z - max
+        self.ent = ent
+        return logp, ent
+
+    def grads(self, h, y, temp, c, d, dh_out, dw_acc, db_acc) -> None:
+        zero = torch.zeros_like(self.log_s)  # z already holds z - max
+        g = softmax_grad_(self.z, y, zero, self.log_s, self.ent, c.to(self.work),
+                          None if d is None else d.to(self.work), temp)
+        self.z = None
+        if dh_out is not None:
+            dh_out.copy_(torch.mm(g, self.w))
+        if dw_acc is not None:
+            dw_acc.addmm_(g.T, h if h.dtype == self.work else h.to(self.work))
+        if db_acc is not None:
+            db_acc += g.sum(0)
+
+
+class TritonStep:
+    """Triton kernels: statistics from the fused forward kernel; the gradient recomputes the chunk's logits tiles
+    (8·n·H·V FLOPs). The in-kernel one-pass epilogue is future work (see the module README)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], opts: LogProbOptions):
+        from ..linear import launch_triton  # lazy: triton is only imported on this path
+
+        self.k, self.weight, self.bias, self.opts = launch_triton, weight, bias, opts
+
+    def stats(self, h, y, temp):
+        logp, ent, self.m, self.log_s = self.k.forward(h, self.weight, self.bias, y, temp, self.opts)
+        self.ent = ent
+        return logp, ent
+
+    def grads(self, h, y, temp, c, d, dh_out, dw_acc, db_acc) -> None:
+        needs = (dh_out is not None, dw_acc is not None, db_acc is not None)
+        dh, _, _ = self.k.backward(h, self.weight, self.bias, y, temp, self.m, self.log_s, self.ent,
+                                   c.float(), None if d is None else d.float(), self.opts, needs,
+                                   accumulate=(dw_acc, db_acc))
+        if dh_out is not None:
+            dh_out.copy_(dh)

@@ -1,0 +1,28 @@
+"""Shared-prefix ("Prefix Grouper") attention for GRPO groups: encode each prompt once for its G completions.
+
+``pack`` builds packed ``input_ids``/``position_ids`` and a ``PrefixLayout``; ``shared_prefix_attention`` is the
+attention op (Triton forward and backward, a torch CPU plan, a dense reference); ``register_transformers`` makes it
+an attention implementation of Hugging Face ``transformers`` (imported only when called). README.md here has the
+math and the usage.
+"""
+from .attention import shared_prefix_attention
+from .layout import Packed, PrefixLayout, pack
+from .reference import shared_prefix_attention_reference, visibility
+
+
+def register_transformers(*args, **kwargs):
+    """See ``fusedpg.prefix.hf.register_transformers`` (imported lazily: transformers is optional)."""
+    from .hf import register_transformers as _register
+
+    return _register(*args, **kwargs)
+
+
+def verify_cases(*args, **kwargs):
+    """See ``fusedpg.prefix.verify.verify_cases``."""
+    from .verify import verify_cases as _verify_cases
+
+    return _verify_cases(*args, **kwargs)
+
+
+__all__ = ["pack", "Packed", "PrefixLayout", "shared_prefix_attention", "shared_prefix_attention_reference",
+           "visibility", "register_transformers", "verify_cases"]
