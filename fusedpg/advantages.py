@@ -15,8 +15,8 @@ from . import checks
 
 __all__ = [
     "group_normalized_advantages", "dr_grpo_advantages", "rloo_advantages", "bnpo_advantages", "ngrpo_advantages",
-    "gpg_advantages", "psr_nsr_advantages", "empg_advantages", "normalize_then_sum", "gtpo_token_weights",
-    "SPOTracker", "DCPOSmoothAdvantage",
+    "gpg_advantages", "psr_nsr_advantages", "empg_advantages", "normalize_then_sum", "dapo_overlong_penalty",
+    "zero_variance_groups", "SPOTracker", "DCPOSmoothAdvantage",
 ]
 
 
@@ -190,57 +190,24 @@ def normalize_then_sum(rewards_per_func, group_ids=None, *, group_sizes=None, we
     return torch.nan_to_num((summed - st.mean[0]) / (st.std[0] + eps), nan=0.0)
 
 
-@torch.no_grad()
-def gtpo_token_weights(token_ids: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, group_ids=None, *,
-                       group_sizes=None, divide_by_conflicts: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """GTPO conflict-token weights (§4.16) for ``pg_loss(..., token_weights=...)``: ``(delta / n_conf, n_conf)``.
+def dapo_overlong_penalty(lengths: torch.Tensor, max_length: int = 20480, buffer: int = 4096,
+                          factor: float = 1.0) -> torch.Tensor:
+    """DAPO soft overlong punishment (§4.4), added to the reward: ``min(-(|o| - (L_max - L_buf)) / L_buf * f, 0)``
+    (0 for short responses, down to ``-f`` at ``L_max``; the paper gives ``-f`` beyond ``L_max`` too)."""
+    x = lengths.to(torch.float64) if not lengths.dtype.is_floating_point else lengths
+    return (-(x - (max_length - buffer)) / buffer * factor).clamp(min=-factor, max=0.0)
 
-    Within a group, position ``t`` of completion ``i`` (token ``v``) conflicts when ``v`` sits at ``t`` in at
-    least one completion with ``A > 0`` and one with ``A < 0``. Only the contiguous run of conflicts from the
-    start counts, and likewise aligned from each completion's end. Per direction a run token weighs 2 in a
-    positive completion, 0 in a negative one, 1 otherwise; ``delta`` is the product of both directions.
-    ``n_conf_i`` counts tokens in either run (at least 1); the division is in the authors' code, not the paper
-    (``divide_by_conflicts``). Inputs: ``token_ids``/``mask`` ``[B, T]`` (right-padded), ``advantages`` ``[B]``.
-    """
-    checks.integer("token_ids", token_ids)
-    if token_ids.dim() != 2 or tuple(mask.shape) != tuple(token_ids.shape):
-        raise ValueError(f"token_ids and mask must both be [B, T], got {tuple(token_ids.shape)} and "
-                         f"{tuple(mask.shape)}")
-    b, t = token_ids.shape
-    if tuple(advantages.shape) != (b,):
-        raise ValueError(f"advantages must be [B] = ({b},), got {checks._describe(advantages)}")
-    g, num = _groups(b, group_ids, group_sizes, token_ids.device)
-    valid = mask.bool()
-    lengths = valid.long().sum(1)
-    # right-aligned copies: column u holds position (len - T + u)
-    src = (torch.arange(t).unsqueeze(0) - (t - lengths).unsqueeze(1))
-    ok_r = src >= 0
-    ids_r = torch.where(ok_r, token_ids.gather(1, src.clamp(min=0)), torch.full_like(token_ids, -1))
-    out = torch.ones(b, t, dtype=advantages.dtype)
-    run_any = torch.zeros(b, t, dtype=torch.bool)
-    for ids, ok, aligned_right in ((token_ids, valid, False), (ids_r, ok_r, True)):
-        conflict = torch.zeros(b, t, dtype=torch.bool)
-        for grp in range(num):
-            rows = torch.nonzero(g == grp).flatten()
-            a = advantages[rows]
-            x, v = ids[rows], ok[rows]
-            same = (x.unsqueeze(1) == x.unsqueeze(0)) & v.unsqueeze(1) & v.unsqueeze(0)  # [i, j, t]
-            has_pos = (same & (a > 0).view(1, -1, 1)).any(1)
-            has_neg = (same & (a < 0).view(1, -1, 1)).any(1)
-            conflict[rows] = has_pos & has_neg & v
-        order = conflict.flip(1) if aligned_right else conflict
-        run = torch.cumprod(order.long(), 1).bool()
-        run = run.flip(1) if aligned_right else run
-        if aligned_right:  # back to left-aligned positions
-            back = torch.zeros_like(run)
-            back.scatter_(1, src.clamp(min=0), run & ok_r)
-            run = back & valid
-        w = torch.where(run & (advantages > 0).unsqueeze(1), 2.0, torch.where(run & (advantages < 0).unsqueeze(1), 0.0, 1.0))
-        out = out * w.to(out.dtype)
-        run_any |= run
-    n_conf = run_any.sum(1).clamp(min=1).to(advantages.dtype)
-    out = out * valid
-    return (out / n_conf.unsqueeze(1) if divide_by_conflicts else out), n_conf
+
+@torch.no_grad()
+def zero_variance_groups(rewards, group_ids=None, *, group_sizes=None) -> torch.Tensor:
+    """DAPO dynamic sampling (§4.4): a bool per sequence, True where its group's rewards are all equal (those
+    groups carry no GRPO signal and are dropped upstream)."""
+    r = _rewards(rewards)
+    g, num = _groups(r.numel(), group_ids, group_sizes, r.device)
+    z = torch.full((num,), float("inf"), dtype=r.dtype, device=r.device)
+    lo = z.scatter_reduce(0, g, r, "amin")
+    hi = (-z).scatter_reduce(0, g, r, "amax")
+    return (lo == hi)[g]
 
 
 def psr_nsr_advantages(rewards: torch.Tensor, mode: str, positive_weight: float = 0.1) -> torch.Tensor:
@@ -288,7 +255,8 @@ def empg_advantages(advantages, entropy, mask, seq_ids=None, step_ids=None, *, k
     hn = (hs - lo) / (hi - lo + 1e-8)
     gk = torch.exp(-k * hn)
     g = gk / gk[ok].mean()
-    seq_of = torch.zeros(uniq.numel(), dtype=torch.long, device=a.device).scatter_reduce(0, inv, seq, "amax")
+    seq_of = torch.zeros(uniq.numel(), dtype=torch.long, device=a.device)
+    seq_of = seq_of.scatter_reduce(0, inv, seq, "amax")
     nxt_same = torch.zeros_like(ok)
     nxt_same[:-1] = (seq_of[1:] == seq_of[:-1]) & ok[1:]
     f = torch.zeros_like(hn)

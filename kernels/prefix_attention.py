@@ -44,7 +44,7 @@ def _tile(ptr, base, offs, stride_s, offs_d, stride_d, S, D):
 @triton.jit(do_not_specialize=["S", "NQT"])
 def _prefix_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seg_ptr, pre_ptr, blk_ptr, blk_idx,
-    scale, S, D, HQ, GQA, NQT, MAX_TILES,
+    scale, S, D, HQ, GQA, NQT,
     sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, so_b, so_h, so_s, so_d,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -67,22 +67,20 @@ def _prefix_attention_fwd_kernel(
     tile = b * NQT + pid_m
     lo = tl.load(blk_ptr + tile)
     hi = tl.load(blk_ptr + tile + 1)
-    # A host-int trip count with a guard, not range(lo, hi): Triton 3.6's interpreter cannot loop to loaded bounds.
-    for jj in range(0, MAX_TILES):
-        if lo + jj < hi:
-            offs_n = tl.load(blk_idx + lo + jj) * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = _tile(k_ptr, b * sk_b + hk * sk_h, offs_n, sk_s, offs_d, sk_d, S, D)  # [BN, BD]
-            v = _tile(v_ptr, b * sv_b + hk * sv_h, offs_n, sv_s, offs_d, sv_d, S, D)  # [BN, BD]
-            seg_k = tl.load(seg_ptr + b * S + offs_n, mask=offs_n < S, other=-1)
-            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # [BM, BN], log2 units
-            s = tl.where(_visible(offs_m, offs_n, seg_q, pre_q, seg_k), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays empty
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-            m_i = m_new
+    for j in range(lo, hi):
+        offs_n = tl.load(blk_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _tile(k_ptr, b * sk_b + hk * sk_h, offs_n, sk_s, offs_d, sk_d, S, D)  # [BN, BD]
+        v = _tile(v_ptr, b * sv_b + hk * sv_h, offs_n, sv_s, offs_d, sv_d, S, D)  # [BN, BD]
+        seg_k = tl.load(seg_ptr + b * S + offs_n, mask=offs_n < S, other=-1)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # [BM, BN], log2 units
+        s = tl.where(_visible(offs_m, offs_n, seg_q, pre_q, seg_k), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays empty
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -121,7 +119,7 @@ def _probs(q, k, lse, offs_m, offs_n, seg_q, pre_q, seg_k, qk_scale,
 @triton.jit(do_not_specialize=["S", "NKT"])
 def _prefix_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seg_ptr, pre_ptr, blk_ptr, blk_idx,
-    scale, S, D, HQ, HKV, GQA, NKT, MAX_TILES,
+    scale, S, D, HQ, HKV, GQA, NKT,
     sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sdo_b, sdo_h, sdo_s, sdo_d,
     sdk_b, sdk_h, sdk_s, sdk_d,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -144,22 +142,21 @@ def _prefix_attention_bwd_dkdv_kernel(
     hi = tl.load(blk_ptr + tile + 1)
     for r in range(0, GQA):
         h = hk * GQA + r
-        for jj in range(0, MAX_TILES):
-            if lo + jj < hi:
-                offs_m = tl.load(blk_idx + lo + jj) * BLOCK_M + tl.arange(0, BLOCK_M)
-                m_mask = offs_m < S
-                q = _tile(q_ptr, b * sq_b + h * sq_h, offs_m, sq_s, offs_d, sq_d, S, D)  # [BM, BD]
-                do = _tile(do_ptr, b * sdo_b + h * sdo_h, offs_m, sdo_s, offs_d, sdo_d, S, D)  # [BM, BD]
-                row = (b * HQ + h) * S + offs_m
-                lse = tl.load(lse_ptr + row, mask=m_mask, other=float("-inf"))
-                delta = tl.load(delta_ptr + row, mask=m_mask, other=0.0)
-                seg_q = tl.load(seg_ptr + b * S + offs_m, mask=m_mask, other=-1)
-                pre_q = tl.load(pre_ptr + b * S + offs_m, mask=m_mask, other=-1)
-                p = _probs(q, k, lse, offs_m, offs_n, seg_q, pre_q, seg_k, qk_scale, DOT_PRECISION, UPCAST_DOT)
-                dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)  # [BN, BD]
-                dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # [BM, BN]
-                ds = p * (dp - delta[:, None])
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT)  # [BN, BD]
+        for j in range(lo, hi):
+            offs_m = tl.load(blk_idx + j) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < S
+            q = _tile(q_ptr, b * sq_b + h * sq_h, offs_m, sq_s, offs_d, sq_d, S, D)  # [BM, BD]
+            do = _tile(do_ptr, b * sdo_b + h * sdo_h, offs_m, sdo_s, offs_d, sdo_d, S, D)  # [BM, BD]
+            row = (b * HQ + h) * S + offs_m
+            lse = tl.load(lse_ptr + row, mask=m_mask, other=float("-inf"))
+            delta = tl.load(delta_ptr + row, mask=m_mask, other=0.0)
+            seg_q = tl.load(seg_ptr + b * S + offs_m, mask=m_mask, other=-1)
+            pre_q = tl.load(pre_ptr + b * S + offs_m, mask=m_mask, other=-1)
+            p = _probs(q, k, lse, offs_m, offs_n, seg_q, pre_q, seg_k, qk_scale, DOT_PRECISION, UPCAST_DOT)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)  # [BN, BD]
+            dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # [BM, BN]
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT)  # [BN, BD]
     dk = dk * scale
     off = b * sdk_b + hk * sdk_h + offs_n[:, None].to(tl.int64) * sdk_s + offs_d[None, :] * sdk_d
     mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
@@ -170,7 +167,7 @@ def _prefix_attention_bwd_dkdv_kernel(
 @triton.jit(do_not_specialize=["S", "NQT"])
 def _prefix_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seg_ptr, pre_ptr, blk_ptr, blk_idx,
-    scale, S, D, HQ, GQA, NQT, MAX_TILES,
+    scale, S, D, HQ, GQA, NQT,
     sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sdo_b, sdo_h, sdo_s, sdo_d,
     sdq_b, sdq_h, sdq_s, sdq_d,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -196,16 +193,15 @@ def _prefix_attention_bwd_dq_kernel(
     tile = b * NQT + pid_m
     lo = tl.load(blk_ptr + tile)
     hi = tl.load(blk_ptr + tile + 1)
-    for jj in range(0, MAX_TILES):
-        if lo + jj < hi:
-            offs_n = tl.load(blk_idx + lo + jj) * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = _tile(k_ptr, b * sk_b + hk * sk_h, offs_n, sk_s, offs_d, sk_d, S, D)  # [BN, BD]
-            v = _tile(v_ptr, b * sv_b + hk * sv_h, offs_n, sv_s, offs_d, sv_d, S, D)  # [BN, BD]
-            seg_k = tl.load(seg_ptr + b * S + offs_n, mask=offs_n < S, other=-1)
-            p = _probs(q, k, lse, offs_m, offs_n, seg_q, pre_q, seg_k, qk_scale, DOT_PRECISION, UPCAST_DOT)
-            dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # [BM, BN]
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)  # [BM, BD]
+    for j in range(lo, hi):
+        offs_n = tl.load(blk_idx + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _tile(k_ptr, b * sk_b + hk * sk_h, offs_n, sk_s, offs_d, sk_d, S, D)  # [BN, BD]
+        v = _tile(v_ptr, b * sv_b + hk * sv_h, offs_n, sv_s, offs_d, sv_d, S, D)  # [BN, BD]
+        seg_k = tl.load(seg_ptr + b * S + offs_n, mask=offs_n < S, other=-1)
+        p = _probs(q, k, lse, offs_m, offs_n, seg_q, pre_q, seg_k, qk_scale, DOT_PRECISION, UPCAST_DOT)
+        dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # [BM, BN]
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)  # [BM, BD]
     dq = dq * scale
     off = b * sdq_b + h * sdq_h + offs_m[:, None].to(tl.int64) * sdq_s + offs_d[None, :] * sdq_d
     tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_d[None, :] < D))

@@ -53,7 +53,8 @@ def test_batch_scale_nan_rewards_and_sizes():
     sd = r[~torch.isnan(r)].std()
     torch.testing.assert_close(b[3:], (r[3:] - r[3:].mean()) / (sd + 1e-4))
     ids = torch.tensor([5, 5, 5, 2, 2, 2])
-    torch.testing.assert_close(adv.group_normalized_advantages(r, ids), adv.group_normalized_advantages(r, group_sizes=[3, 3]))
+    torch.testing.assert_close(adv.group_normalized_advantages(r, ids),
+                               adv.group_normalized_advantages(r, group_sizes=[3, 3]))
     torch.testing.assert_close(adv.dr_grpo_advantages(r, ids), adv.group_normalized_advantages(r, ids, scale="none"))
 
 
@@ -176,21 +177,6 @@ def test_bad_group_arguments():
         adv.group_normalized_advantages(r, group_sizes=[4], scale="std")
 
 
-def test_gtpo_token_weights():
-    ids = torch.tensor([[1, 2, 3, 9, 0], [1, 2, 4, 9, 0], [1, 5, 3, 9, 9]])
-    m = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-    a = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
-    w, n = adv.gtpo_token_weights(ids, a, m, group_sizes=[3], divide_by_conflicts=False)
-    expect = torch.tensor([[2, 2, 1, 2, 0], [0, 0, 1, 0, 0], [2, 1, 1, 1, 2]], dtype=torch.float64)
-    torch.testing.assert_close(w, expect)
-    torch.testing.assert_close(n, torch.tensor([3.0, 3.0, 2.0], dtype=torch.float64))
-    w2, _ = adv.gtpo_token_weights(ids, a, m, group_sizes=[3])
-    torch.testing.assert_close(w2, expect / n[:, None])
-    w3, n3 = adv.gtpo_token_weights(ids, a, m, torch.tensor([0, 1, 2]))  # every completion alone: no conflicts
-    torch.testing.assert_close(w3, m.double())
-    assert (n3 == 1).all()
-
-
 def test_normalize_then_sum():
     r = torch.tensor([[1.0, 0.0], [0.0, float("nan")], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     out = adv.normalize_then_sum(r, group_sizes=[2, 2], weights=[1.0, 0.5])
@@ -205,3 +191,11 @@ def test_normalize_then_sum():
         cols.append(y)
     summed = (torch.stack(cols, 1) * torch.tensor([1.0, 0.5], dtype=torch.float64)).nansum(1)
     torch.testing.assert_close(out, (summed - summed.mean()) / (summed.std() + 1e-4))
+
+
+def test_dapo_helpers():
+    pen = adv.dapo_overlong_penalty(torch.tensor([100, 16384, 18432, 20480, 30000]), 20480, 4096)
+    torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0], dtype=torch.float64))
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5], dtype=torch.float64)
+    flags = adv.zero_variance_groups(r, torch.tensor([3, 3, 1, 1, 8]))
+    assert flags.tolist() == [True, True, False, False, True]

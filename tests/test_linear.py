@@ -52,3 +52,34 @@ def test_default_impl_on_cpu_is_torch(monkeypatch):
     assert resolve_impl(None, torch.device("cpu")) == "torch"
     monkeypatch.setenv("FUSEDPG_IMPL", "triton")
     assert resolve_impl(None, torch.device("cpu")) == "triton"  # TRITON_INTERPRET=1 (or CUDA) in this suite
+
+
+def test_nan_fill_fixture_is_active():
+    from conftest import INT_SENTINEL
+
+    assert torch.isnan(torch.empty(4)).all() and torch.isnan(torch.empty((2, 3), dtype=torch.bfloat16)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(3))).all()
+    assert torch.isnan(torch.empty_strided((2, 2), (1, 2))).all()
+    assert torch.isnan(torch.zeros(2).new_empty(3)).all()
+    assert (torch.empty(3, dtype=torch.long) == INT_SENTINEL).all()
+    assert torch.empty(2, dtype=torch.bool).all()
+
+
+def test_nan_fill_catches_an_unwritten_library_output(monkeypatch, backend):
+    """A plan that forgets to write one row of an output allocated with torch.empty fails the equivalence check."""
+    from fusedpg.linear import function
+
+    plan = function._plan(backend.impl)
+    real = plan.forward
+
+    def forgets_last_row(*args, **kwargs):
+        logp, ent, m, log_s = real(*args, **kwargs)
+        out = torch.empty_like(logp)
+        out[:-1] = logp[:-1]
+        return out, ent, m, log_s
+
+    monkeypatch.setattr(plan, "forward", forgets_last_row)
+    results = {r.name: r for r in check_linear(LinearCase(n=8, v=33, ignore_frac=0.0), impl=backend.impl,
+                                               device=backend.device)}
+    assert not results["linear.logp"].ok and results["linear.logp"].worst_index == (7,)
+    assert results["linear.entropy"].ok

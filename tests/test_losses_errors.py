@@ -101,7 +101,8 @@ def test_contradicting_options(case, options, name):
 
 
 def test_packed_input_needs_seq_ids_for_sequence_quantities(case):
-    lp, adv, m, old = case["logp"].reshape(-1), case["advantages"], case["mask"].reshape(-1), case["old_logp"].reshape(-1)
+    lp, adv, m = case["logp"].reshape(-1), case["advantages"], case["mask"].reshape(-1)
+    old = case["old_logp"].reshape(-1)
     for opts in (dict(loss_type="dapo", importance_sampling_level="sequence"), dict(loss_type="gspo"),
                  dict(loss_type="grpo"), dict(loss_type="clip_cov")):
         with pytest.raises(ValueError, match="seq_ids is required"):

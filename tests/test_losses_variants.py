@@ -8,6 +8,7 @@ import fusedpg
 from fusedpg.losses import batch_coefficients, make_config, plan_of, prepare, resolve, token_loss, variant_names
 from fusedpg.losses.cases import grad_inputs, make_case
 from fusedpg.losses.core import kl_estimate
+from fusedpg.losses.shaping import gtpo_token_weights
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "group_ids", "step_ids", "token_weights")
 
@@ -259,3 +260,30 @@ def test_gspo_token_vespo_alol_token_closed_form():
     lp = flat(t, "logp") * b.mask
     rho = torch.exp(lp - b.ref_logp).clamp(0.1, 1.9)
     torch.testing.assert_close(c, -b.advantages * rho * b.weights)
+
+
+def test_gtpo_token_weights():
+    ids = torch.tensor([[1, 2, 3, 9, 0], [1, 2, 4, 9, 0], [1, 5, 3, 9, 9]])
+    m = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    a = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    w, n = gtpo_token_weights(ids, a, m, group_sizes=[3], divide_by_conflicts=False)
+    expect = torch.tensor([[2, 2, 1, 2, 0], [0, 0, 1, 0, 0], [2, 1, 1, 1, 2]], dtype=torch.float64)
+    torch.testing.assert_close(w, expect)
+    torch.testing.assert_close(n, torch.tensor([3.0, 3.0, 2.0], dtype=torch.float64))
+    w2, _ = gtpo_token_weights(ids, a, m, group_sizes=[3])
+    torch.testing.assert_close(w2, expect / n[:, None])
+    w3, n3 = gtpo_token_weights(ids, a, m, torch.tensor([0, 1, 2]))  # every completion alone: no conflicts
+    torch.testing.assert_close(w3, m.double())
+    assert (n3 == 1).all()
+
+
+def test_adaptive_entropy_coefficient():
+    ctl = fusedpg.losses.AdaptiveEntropyCoef(init=0.01, target=0.2, step=0.005)
+    assert ctl.coef == 0.0  # no measured window yet (TRL starts with inf entropy)
+    ctl.observe(1.0, 10)  # mean 0.1 <= target: raise
+    assert ctl.step() == pytest.approx(0.015) and ctl.coef == pytest.approx(0.015)
+    ctl.observe(5.0, 10)  # 0.5 > target: lower, and the bonus is off for the next window
+    assert ctl.step() == pytest.approx(0.01) and ctl.coef == 0.0
+    other = fusedpg.losses.AdaptiveEntropyCoef()
+    other.load_state_dict(ctl.state_dict())
+    assert other.state_dict() == ctl.state_dict()

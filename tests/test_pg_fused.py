@@ -123,3 +123,38 @@ def test_masked_targets_may_be_ignore_index():
     a, _ = fusedpg.fused_linear_pg_loss(h, w, y, adv, mask, **t)
     b, _ = fusedpg.fused_linear_pg_loss(h, w, y2, adv, mask, **t)
     torch.testing.assert_close(a, b)
+
+
+EPILOGUE_CASES = [
+    ("dapo", {}), ("grpo", dict(beta=0.04, entropy_coef=0.01)), ("ppo", dict(beta=0.1, kl_estimator="k1")),
+    ("grpo", dict(delta=1.5, beta=0.1, kl_estimator="k2")), ("gppo", {}), ("dcpo", {}), ("cispo", {}),
+    ("cispo", dict(cispo_mode="verl")), ("sapo", dict(beta=0.04, kl_estimator="abs")),
+    ("bnpo", dict(beta=0.04, kl_estimator="k3+")), ("dr_grpo", dict(kl_value_clamp=0.01, beta=1.0)), ("nsr", {}),
+    ("ngrpo", {}),
+]
+
+
+def _spec(loss_type, options):
+    from fusedpg.losses import make_config, prepare
+    from fusedpg.pg.epilogue import epilogue_spec
+
+    x = fused_inputs(loss_type)
+    cfg = make_config(None, loss_type, **{**x["options"], **options})
+    t = x["tensors"]
+    return epilogue_spec(cfg, prepare(t["advantages"], t["mask"], old_logp=t["old_logp"], ref_logp=t["ref_logp"],
+                                      config=cfg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type,options", EPILOGUE_CASES)
+def test_triton_one_pass_epilogue(loss_type, options, dtype):
+    """The in-kernel loss math (ratio, clip, dual clip, delta, KL, entropy) against the loss layer."""
+    assert _spec(loss_type, options) is not None
+    _assert_ok(check_fused_pg(loss_type, impl="triton", dtype=dtype, options=options, chunk_bytes=SMALL_CHUNK))
+
+
+@pytest.mark.parametrize("loss_type,options", [("gspo", {}), ("grpo", dict(importance_sampling_level="sequence")),
+                                               ("grpo", dict(off_policy_mask_threshold=0.5)),
+                                               ("grpo", dict(beta=0.1, kl_bias_correction=True)), ("vespo", {})])
+def test_epilogue_declines_sequence_level_options(loss_type, options):
+    assert _spec(loss_type, options) is None

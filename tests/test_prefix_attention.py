@@ -175,7 +175,8 @@ def _qkv(layout, hq=4, hkv=2, d=8):
     (lambda q, k, v, lay: (q, k, v[:, :1], lay), ValueError, "v must have k's shape"),
     (lambda q, k, v, lay: (q, k.double(), v, lay), TypeError, "k must have the dtype"),
     (lambda q, k, v, lay: (q, k, v, "layout"), TypeError, "layout must be"),
-    (lambda q, k, v, lay: (q, k, v, PrefixLayout([3], [[2, 1]], seq_len=lay.seq_len)), ValueError, "q must have layout.n_rows"),
+    (lambda q, k, v, lay: (q, k, v, PrefixLayout([3], [[2, 1]], seq_len=lay.seq_len)), ValueError,
+     "q must have layout.n_rows"),                                                                # other layout
 ])
 def test_bad_inputs_raise_naming_the_argument(mutate, exc, match):
     _, _, layout = pack([[1, 2, 3], [4]], [[[5, 6], [7]], [[8, 9, 10]]])
@@ -191,3 +192,11 @@ def test_bad_scale_and_impl():
         shared_prefix_attention(q, k, v, layout, scale=-1.0)
     with pytest.raises(ValueError, match="impl"):
         shared_prefix_attention(q, k, v, layout, impl="cuda")
+
+
+def test_verify_cases_smoke():
+    from fusedpg.prefix import verify_cases
+
+    results = verify_cases(dtypes=(torch.float32,), cases=CASES[:2])
+    assert len(results) == 8 and all(r.ok for r in results)
+    assert results[0].name.startswith("shared_prefix_attention.o ")

@@ -153,6 +153,18 @@ def test_triton_kernels_inside_the_model(monkeypatch):
         assert_close_to_truth(f"grad[{name}]", ours[2][name], eager[2][name], truth[2][name], torch.float32)
 
 
+def test_causal_lm_forward_and_unpack():
+    """The CausalLM wrapper passes prefix_layout through too; its logits unpack to the per-completion rows."""
+    prompts, comps, _ = _data()
+    packed = pack(prompts, comps)
+    model = _model("qwen2", NAME, dtype=torch.float64)
+    logits = model(**packed.model_kwargs()).logits
+    rows = _grouped_rows(model, packed)
+    torch.testing.assert_close(fusedpg.prefix.unpack(logits, packed.layout), model.lm_head(rows))
+    padded = packed.layout.unpack(logits, padded=True)
+    assert torch.equal(padded[packed.layout.completion_mask()], fusedpg.prefix.unpack(logits, packed.layout))
+
+
 def test_gradient_checkpointing_replays_the_layout(monkeypatch):
     prompts, comps, weights = _data()
     packed = pack(prompts, comps)

@@ -16,9 +16,10 @@ from .engine import batch_coefficients, pg_loss, token_loss
 from .metrics import finalize_metrics, merge_metrics
 from .registry import Variant, get_variant, variant_names
 from .regularizers import AdaptiveEntropyCoef
+from .shaping import gtpo_token_weights
 
 __all__ = [
     "pg_loss", "PGLossConfig", "PGBatch", "prepare", "token_loss", "batch_coefficients", "plan_of",
     "merge_metrics", "finalize_metrics", "get_variant", "variant_names", "Variant", "make_config", "resolve",
-    "requirements", "AdaptiveEntropyCoef",
+    "requirements", "AdaptiveEntropyCoef", "gtpo_token_weights",
 ]

@@ -249,7 +249,8 @@ def _check_combination(cfg: PGLossConfig, var) -> None:
         raise ValueError(f"importance_sampling_level must be 'token' for loss_type={name!r} (it builds its own "
                          f"sequence weight), got {cfg.importance_sampling_level!r}")
     if name == "vespo" and cfg.rollout_is is not None and not cfg.rollout_is.startswith("token"):
-        raise ValueError(f"rollout_is must be 'token_truncate' or 'token_mask' for loss_type='vespo', got {cfg.rollout_is!r}")
+        raise ValueError("rollout_is must be 'token_truncate' or 'token_mask' for loss_type='vespo', "
+                         f"got {cfg.rollout_is!r}")
     if cfg.aggregation == "dr_grpo" and cfg.max_completion_length is None:
         raise ValueError("max_completion_length must be set for aggregation='dr_grpo' (it divides by B * L_max)")
     if cfg.luspo_unmasked and cfg.aggregation != "luspo":

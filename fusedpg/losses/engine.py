@@ -89,7 +89,7 @@ def token_loss(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tenso
         pol = pol * keep.to(dt)
         if batch.adv_per_seq:
             ms.add("opsm_kept_sum", ctx.seg.amax(keep.to(dt)))
-            ms.add("opsm_kept_count", torch.tensor(float(ctx.seg.num)))
+            ms.add("opsm_kept_count", float(ctx.seg.num))
         else:
             ms.add("opsm_kept_sum", keep.to(dt) * ctx.m)
     em = batch.extra.get("entropy_mask")
@@ -122,42 +122,44 @@ def token_loss(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tenso
 def _metrics(ms: MetricSums, ctx: TokenContext, sur, kl, cfg) -> None:
     m, seg, batch = ctx.m, ctx.seg, ctx.batch
     ms.add("tokens", m)
-    ms.add("seqs", torch.tensor(float(seg.num)))
+    ms.add("seqs", float(seg.num))
     if ctx.H is not None:
         ms.add("entropy_sum", m * ctx.H)
     if batch.old_logp is not None:
         ms.add("ppo_kl_sum", m * (batch.old_logp - ctx.lp))
     if kl is not None:
         ms.add("kl_sum", m * kl)
+    valid = m > 0
     if batch.is_weights is not None:
-        v = batch.is_weights[m > 0]
-        ms.add("is_weight_sum", v)
-        ms.min("is_weight_min", v)
-        ms.max("is_weight_max", v)
+        ms.add("is_weight_sum", m * batch.is_weights)
+        ms.min("is_weight_min", batch.is_weights, valid)
+        ms.max("is_weight_max", batch.is_weights, valid)
     seq_level = cfg.importance_sampling_level == "sequence" and batch.adv_per_seq and get_variant(cfg.loss_type).ratio
     if sur.ratio is not None:
-        r = seg.amax(sur.ratio) if seq_level else sur.ratio[m > 0]
-        ms.add("ratio_sum", r)
-        ms.add("ratio_count", torch.tensor(float(r.numel())))
-        ms.min("ratio_min", r)
-        ms.max("ratio_max", r)
+        if seq_level:
+            r, where, count = seg.amax(sur.ratio), None, float(seg.num)
+        else:
+            r, where, count = sur.ratio, valid, m
+        ms.add("ratio_sum", r if where is None else m * r)
+        ms.add("ratio_count", count)
+        ms.min("ratio_min", r, where)
+        ms.max("ratio_max", r, where)
     if sur.low is not None:
         low, high = sur.low.to(m.dtype), sur.high.to(m.dtype)
         region = torch.clamp(low + high, max=1.0)
         if seq_level:
             low_s, high_s, region_s = seg.amax(low), seg.amax(high), seg.amax(region)
-            ms.add("clip_count", torch.tensor(float(seg.num)))
-            per_low, per_high = low_s, high_s
+            ms.add("clip_count", float(seg.num))
+            per_low, per_high, where = low_s, high_s, None
         else:
             low_s, high_s, region_s = m * low, m * high, m * region
             ms.add("clip_count", m)
-            nonempty = seg.length > 0
-            per_low, per_high = seg.masked_mean(low)[nonempty], seg.masked_mean(high)[nonempty]
+            per_low, per_high, where = seg.masked_mean(low), seg.masked_mean(high), seg.length > 0
         ms.add("clip_low_sum", low_s)
         ms.add("clip_high_sum", high_s)
         ms.add("clip_region_sum", region_s)
-        ms.min("clip_low_seq_min", per_low)
-        ms.max("clip_high_seq_max", per_high)
+        ms.min("clip_low_seq_min", per_low, where)
+        ms.max("clip_high_seq_max", per_high, where)
     if sur.dual is not None:
         ms.add("dual_clip_sum", m * sur.dual.to(m.dtype))
     for k, v in (sur.extra or {}).items():

@@ -15,7 +15,7 @@ direction of A; sequences are counted when the ratio and the advantages are per 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -65,14 +65,21 @@ class MetricSums:
         self.d: Dict[str, torch.Tensor] = {}
         self.dtype, self.device = dtype, device
 
-    def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().to(self.dtype).sum()
+    def add(self, name: str, value) -> None:
+        value = torch.as_tensor(value).detach().to(device=self.device, dtype=self.dtype).sum()
         self.d[name] = self.d[name] + value if name in self.d else value
 
-    def min(self, name: str, values: torch.Tensor) -> None:
-        v = values.detach().to(self.dtype)
-        self.d[name] = v.min() if v.numel() else torch.tensor(math.inf, dtype=self.dtype, device=self.device)
+    def min(self, name: str, values: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
+        """Min of ``values`` (over ``where``, without boolean indexing: no host synchronisation)."""
+        self.d[name] = self._extreme(values, where, math.inf, torch.amin)
 
-    def max(self, name: str, values: torch.Tensor) -> None:
-        v = values.detach().to(self.dtype)
-        self.d[name] = v.max() if v.numel() else torch.tensor(-math.inf, dtype=self.dtype, device=self.device)
+    def max(self, name: str, values: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
+        self.d[name] = self._extreme(values, where, -math.inf, torch.amax)
+
+    def _extreme(self, values, where, identity, reduce):
+        v = values.detach().to(device=self.device, dtype=self.dtype)
+        if where is not None:
+            v = torch.where(where, v, torch.full_like(v, identity))
+        if v.numel() == 0:
+            return torch.tensor(identity, dtype=self.dtype, device=self.device)
+        return reduce(v)

@@ -80,9 +80,12 @@ def flat_inputs(cfg, var, advantages, mask, *, old_logp, ref_logp, rollout_logp,
         out["has_seq_ids"] = True
     elif seq_ids is None:
         plan = plan_of(cfg)
-        if plan != "one_pass" or cfg.aggregation in _SEQ_AGGREGATIONS or cfg.mask_truncated_completions:
-            why = (f"the {plan} plan" if plan != "one_pass" else f"aggregation={cfg.aggregation!r}")
-            raise ValueError(f"seq_ids is required for packed [N] input with {why} (it needs sequence boundaries), got None")
+        why = (f"the {plan} plan" if plan != "one_pass" else
+               f"aggregation={cfg.aggregation!r}" if cfg.aggregation in _SEQ_AGGREGATIONS else
+               "mask_truncated_completions" if cfg.mask_truncated_completions else None)
+        if why is not None:
+            raise ValueError(f"seq_ids is required for packed [N] input with {why} (it needs sequence "
+                             "boundaries), got None")
         seq = torch.zeros(n, dtype=torch.long, device=dev)
         offsets = (0, n) if n else (0,)
         out["has_seq_ids"] = False

@@ -240,7 +240,7 @@ def vespo(ctx) -> Surrogate:
     lam = lam.clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     if ctx.batch.adv_per_seq:  # TRL logs phi over sequences (all rows), or over tokens for per-token A
-        extra = {"vespo_phi_sum": seg.amax(phi), "vespo_phi_count": torch.tensor(float(seg.num))}
+        extra = {"vespo_phi_sum": seg.amax(phi), "vespo_phi_count": float(seg.num)}
     else:
         extra = {"vespo_phi_sum": ctx.m * phi, "vespo_phi_count": ctx.m}
     return Surrogate(-phi * a * ctx.lp, torch.exp(log_w), extra=extra)
@@ -258,7 +258,8 @@ def _gtpo_old(batch, cfg):
           prep=lambda batch, cfg: _gtpo_old(batch, cfg) if cfg.shaping_entropy == "old" else {})
 def gtpo(ctx) -> Surrogate:
     """GTPO (§4.16): REINFORCE with ratio ``exp(logp - sg(logp))`` (value 1) and ``A_hat`` shaped by the
-    sequence's mean entropy; conflict weights ``delta/n_conf`` come in as ``token_weights``."""
+    sequence's mean entropy; conflict weights ``delta/n_conf`` come in as ``token_weights``
+    (``fusedpg.losses.gtpo_token_weights``)."""
     a = ctx.A
     if ctx.cfg.shaping_entropy == "current":
         a = selection.seq_entropy_shaped_advantage(a, ctx.seg.bcast(ctx.seg.masked_mean(ctx.H.detach())), ctx.cfg)

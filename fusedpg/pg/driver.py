@@ -63,35 +63,81 @@ class FusedRun:
         loss = torch.zeros((), dtype=work, device=hidden.device)
         sums: Dict[str, torch.Tensor] = {}
         grads = any(needs)
+        spec = None
+        if self.impl == "triton":
+            from .epilogue import epilogue_spec
+
+            spec = epilogue_spec(cfg, batch)
         for lo, hi in sequence_chunks(batch.offsets, batch.active, max_rows):
             idx = torch.nonzero(batch.active[lo:hi]).squeeze(1) + lo
-            lp = torch.zeros(hi - lo, dtype=work, device=hidden.device)
-            en = torch.zeros(hi - lo, dtype=work, device=hidden.device)
+            part = batch.slice(lo, hi)
             h, y = hidden.index_select(0, idx), self.targets.index_select(0, idx)
             t = self.temp.index_select(0, idx) if isinstance(self.temp, torch.Tensor) else self.temp
-            if idx.numel():
-                lp_a, en_a = step.stats(h, y, t)
-                lp[idx - lo], en[idx - lo] = lp_a.to(work), en_a.to(work)
-            lp.requires_grad_(grads)
-            en.requires_grad_(grads)
-            with torch.enable_grad():
-                contrib, part = token_loss(batch.slice(lo, hi), lp, en, cfg)
-                total = contrib.sum()
-            loss = loss + total.detach()
-            sums = merge_metrics(sums, {k: v.detach() for k, v in part.items()})
-            logp_all[lo:hi], ent_all[lo:hi] = lp.detach(), en.detach()
-            if grads and idx.numel() and total.requires_grad:
-                c, d = torch.autograd.grad(total, [lp, en], allow_unused=True)
-                c = torch.zeros_like(lp) if c is None else c
-                d_a = None if d is None else d.index_select(0, idx - lo)
-                dh_rows = torch.empty_like(h) if need_h else None
-                step.grads(h, y, t, c.index_select(0, idx - lo), d_a, dh_rows, dw, db)
-                if need_h:
-                    dh.index_copy_(0, idx, dh_rows)
+            grad_out = (torch.empty_like(h) if need_h else None, dw, db)
+            if spec is not None:
+                total, part_sums, lp, en = self._chunk_epilogue(weight, bias, h, y, t, part, idx - lo, spec, grad_out)
+            else:
+                total, part_sums, lp, en = self._chunk_generic(step, h, y, t, part, idx - lo, grads, grad_out)
+            if need_h and idx.numel():
+                dh.index_copy_(0, idx, grad_out[0])
+            loss = loss + total
+            sums = merge_metrics(sums, part_sums)
+            logp_all[lo:hi], ent_all[lo:hi] = lp, en
         self.metrics = sums
         if self.want_token_stats:
             self.logp, self.entropy = logp_all, ent_all
         return loss, dh, dw, db
+
+
+    def _chunk_generic(self, step, h, y, t, part, rows, grads, grad_out):
+        """Statistics from the backend step, (c, d) from the loss layer by autograd on ``[n]`` scalars."""
+        work = self.batch.dtype
+        n = part.num_tokens
+        lp = torch.zeros(n, dtype=work, device=h.device)
+        en = torch.zeros(n, dtype=work, device=h.device)
+        if rows.numel():
+            lp_a, en_a = step.stats(h, y, t)
+            lp[rows], en[rows] = lp_a.to(work), en_a.to(work)
+        lp.requires_grad_(grads)
+        en.requires_grad_(grads)
+        with torch.enable_grad():
+            contrib, part_sums = token_loss(part, lp, en, self.cfg)
+            total = contrib.sum()
+        if grads and rows.numel() and total.requires_grad:
+            c, d = torch.autograd.grad(total, [lp, en], allow_unused=True)
+            c = torch.zeros_like(lp) if c is None else c
+            step.grads(h, y, t, c.index_select(0, rows), None if d is None else d.index_select(0, rows), *grad_out)
+        return total.detach(), _detached(part_sums), lp.detach(), en.detach()
+
+    def _chunk_epilogue(self, weight, bias, h, y, t, part, rows, spec, grad_out):
+        """cuBLAS logits chunk, then one Triton launch for statistics, loss, c, d and dL/du (over the chunk)."""
+        from .epilogue import run_epilogue
+
+        work = self.batch.dtype
+        n = part.num_tokens
+        lp = torch.zeros(n, dtype=work, device=h.device)
+        en = torch.zeros(n, dtype=work, device=h.device)
+        total = torch.zeros((), dtype=work, device=h.device)
+        if rows.numel():
+            x = torch.mm(h, weight.T)
+            if bias is not None:
+                x += bias
+            lp_a, en_a, loss_t = run_epilogue(x, y, t, part, rows, spec)
+            lp[rows], en[rows] = lp_a.to(work), en_a.to(work)
+            total = loss_t.to(work).sum()
+            dh_out, dw_acc, db_acc = grad_out
+            if dh_out is not None:
+                torch.mm(x, weight, out=dh_out)
+            if dw_acc is not None:
+                dw_acc.add_(torch.mm(x.T, h))
+            if db_acc is not None:
+                db_acc += x.sum(0, dtype=torch.float32)
+        _, part_sums = token_loss(part, lp, en, self.cfg)  # metrics only: detached [n] math
+        return total, _detached(part_sums), lp, en
+
+
+def _detached(sums):
+    return {k: v.detach() for k, v in sums.items()}
 
 
 class FusedLinearPGLossFunction(torch.autograd.Function):

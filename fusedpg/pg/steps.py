@@ -40,23 +40,34 @@ class TorchStep:
 
 
 class TritonStep:
-    """Triton kernels: statistics from the fused forward kernel; the gradient recomputes the chunk's logits tiles
-    (8·n·H·V FLOPs). The in-kernel one-pass epilogue is future work (see the module README)."""
+    """One pass on CUDA: cuBLAS writes the chunk's logits (fp32 for fp32 inputs, else the input dtype, like eager
+    trainers), a Triton kernel reads them once for the statistics, and a second Triton kernel overwrites the same
+    buffer with dL/du, which two cuBLAS GEMMs turn into dh and dW. 6·n·H·V FLOPs; one ``[rows, V]`` buffer."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], opts: LogProbOptions):
-        from ..linear import launch_triton  # lazy: triton is only imported on this path
+        from ..kernel_config import check_triton_dtype
+        from ..logits import launch_triton  # lazy: triton is only imported on this path
 
-        self.k, self.weight, self.bias, self.opts = launch_triton, weight, bias, opts
+        check_triton_dtype("hidden", weight)
+        self.k, self.weight, self.bias = launch_triton, weight, bias
+        self.opts = LogProbOptions(compute_entropy=opts.compute_entropy, inplace=True)
 
     def stats(self, h, y, temp):
-        logp, ent, self.m, self.log_s = self.k.forward(h, self.weight, self.bias, y, temp, self.opts)
+        x = torch.mm(h, self.weight.T)
+        if self.bias is not None:
+            x += self.bias
+        self.x, self.valid = x, torch.ones_like(y, dtype=torch.bool)
+        logp, ent, self.m, self.log_s = self.k.forward(x, y, self.valid, temp, self.opts)
         self.ent = ent
         return logp, ent
 
     def grads(self, h, y, temp, c, d, dh_out, dw_acc, db_acc) -> None:
-        needs = (dh_out is not None, dw_acc is not None, db_acc is not None)
-        dh, _, _ = self.k.backward(h, self.weight, self.bias, y, temp, self.m, self.log_s, self.ent,
-                                   c.float(), None if d is None else d.float(), self.opts, needs,
-                                   accumulate=(dw_acc, db_acc))
+        g = self.k.backward(self.x, y, self.valid, temp, self.m, self.log_s, self.ent, c.float(),
+                            None if d is None else d.float(), self.opts)  # written over self.x
+        self.x = None
         if dh_out is not None:
-            dh_out.copy_(dh)
+            torch.mm(g, self.weight, out=dh_out)
+        if dw_acc is not None:
+            dw_acc.add_(torch.mm(g.T, h))
+        if db_acc is not None:
+            db_acc += g.sum(0, dtype=torch.float32)

@@ -10,6 +10,11 @@ from .layout import Packed, PrefixLayout, pack
 from .reference import shared_prefix_attention_reference, visibility
 
 
+def unpack(x, layout: PrefixLayout, *, predict: bool = True, padded: bool = False):
+    """``layout.unpack(x, predict=predict, padded=padded)``: per-completion rows of a packed tensor."""
+    return layout.unpack(x, predict=predict, padded=padded)
+
+
 def register_transformers(*args, **kwargs):
     """See ``fusedpg.prefix.hf.register_transformers`` (imported lazily: transformers is optional)."""
     from .hf import register_transformers as _register
@@ -24,5 +29,5 @@ def verify_cases(*args, **kwargs):
     return _verify_cases(*args, **kwargs)
 
 
-__all__ = ["pack", "Packed", "PrefixLayout", "shared_prefix_attention", "shared_prefix_attention_reference",
+__all__ = ["pack", "unpack", "Packed", "PrefixLayout", "shared_prefix_attention", "shared_prefix_attention_reference",
            "visibility", "register_transformers", "verify_cases"]

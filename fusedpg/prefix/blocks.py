@@ -24,7 +24,7 @@ class BlockIndex(NamedTuple):
     kv_q: torch.Tensor    # query tiles, grouped by (row, key tile)
     n_q_tiles: int
     n_kv_tiles: int
-    q_max: int            # longest list of q_kv (the kernels' trip count)
+    q_max: int            # longest list in q_kv
     kv_max: int           # longest list of kv_q
 
 

@@ -60,7 +60,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PrefixLay
     lse = torch.empty((bsz, hq, s), dtype=torch.float32, device=q.device)
     _prefix_attention_fwd_kernel[(blocks.n_q_tiles, bsz * hq)](
         q, k, v, o, lse, seg, pre, blocks.q_ptr, blocks.q_kv,
-        float(scale), s, d, hq, hq // k.shape[1], blocks.n_q_tiles, blocks.q_max,
+        float(scale), s, d, hq, hq // k.shape[1], blocks.n_q_tiles,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
@@ -90,14 +90,14 @@ def backward(q, k, v, o, lse, do, layout: PrefixLayout, scale: float,
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         _prefix_attention_bwd_dkdv_kernel[(blocks.n_kv_tiles, bsz * hkv)](
             q, k, v, do, lse, delta, dk, dv, seg, pre, blocks.kv_ptr, blocks.kv_q,
-            float(scale), s, d, hq, hkv, hq // hkv, blocks.n_kv_tiles, blocks.kv_max,
+            float(scale), s, d, hq, hkv, hq // hkv, blocks.n_kv_tiles,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), **common,
         )
     if needs[0]:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         _prefix_attention_bwd_dq_kernel[(blocks.n_q_tiles, bsz * hq)](
             q, k, v, do, lse, delta, dq, seg, pre, blocks.q_ptr, blocks.q_kv,
-            float(scale), s, d, hq, hq // hkv, blocks.n_q_tiles, blocks.q_max,
+            float(scale), s, d, hq, hq // hkv, blocks.n_q_tiles,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), **common,
         )
     return dq, (dk if needs[1] else None), (dv if needs[2] else None)
