@@ -37,13 +37,15 @@ def fused_inputs(loss_type: str, *, batch: int = 4, width: int = 6, h: int = 24,
 
 def check_fused_pg(loss_type: str, *, impl: Optional[str] = None, dtype: torch.dtype = torch.float32,
                    plan: Optional[str] = None, seed: int = 0, chunk_bytes: Optional[int] = None,
-                   options: Optional[dict] = None, **shape) -> List[Comparison]:
+                   options: Optional[dict] = None, device="cpu", **shape) -> List[Comparison]:
     """Loss, metrics and the gradients of hidden, weight and bias of ``fused_linear_pg_loss`` vs the reference."""
     from . import fused_linear_pg_loss
 
     x = fused_inputs(loss_type, seed=seed, **shape)
+    x["targets"] = x["targets"].to(device)
+    x["tensors"] = {k: v.to(device) for k, v in x["tensors"].items()}
     opts = {**x["options"], **(options or {}), "loss_type": loss_type}
-    head = [x["hidden"], x["weight"], x["bias"]]
+    head = [None if a is None else a.to(device) for a in (x["hidden"], x["weight"], x["bias"])]
 
     def run(fn, work, **kw):
         leaves = [None if a is None else a.detach().to(work).requires_grad_() for a in head]
