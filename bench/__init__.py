@@ -3,9 +3,10 @@
 What is measured, per (case, shape, dtype, mode, impl), all impls on the same inputs in one process:
   * time of one call: median and 20/80 quantiles (CUDA: triton.testing.do_bench; CPU: perf_counter over
     warm-up + a few reps, impls interleaved);
-  * peak memory of that call above what was resident before it (inputs; for ``bwd`` also the retained graph):
-    CUDA max_memory_allocated, CPU the process's VmHWM after a reset through /proc/self/clear_refs.
-Modes: fwd+bwd, fwd (autograd recording), bwd (retained graph), fwd-nograd (opt-in). Cases and impls live in
+  * peak memory of that call above what was resident before it (inputs; for ``bwd`` also the forward's graph):
+    CUDA max_memory_allocated, CPU the process's VmHWM after a reset through /proc/self/clear_refs (or, where that
+    file is not writable, VmHWM of a fresh subprocess per measurement).
+Modes: fwd+bwd, fwd (autograd recording), bwd (after an untimed forward), fwd-nograd (opt-in). Cases and impls live in
 ``registry.py`` and the ``case_*.py`` modules; ``fusedpg bench --list`` shows what runs here and why not.
 
 Output in --out (default bench/out/): rows.jsonl (as measured), results.json and results.csv (long format), table.md
@@ -89,7 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _list(device)
         return 0
     registry = cases()
-    names, modes, impls = _split(args.case) or list(registry), _split(args.mode) or list(DEFAULT_MODES), _split(args.impl)
+    names, modes = _split(args.case) or list(registry), _split(args.mode) or list(DEFAULT_MODES)
+    impls = _split(args.impl)
     for label, chosen, known in (("case", names, registry), ("mode", modes, MODES), ("impl", impls, all_impl_names())):
         bad = [c for c in chosen if c not in known]
         if bad:

@@ -2,9 +2,10 @@
 
 CPU: wall time of one call with ``time.perf_counter`` and the process's resident-memory high-water mark. Before
 each call the kernel's mark is reset (``echo 5 > /proc/self/clear_refs``) and the current RSS read (inputs, and
-for ``bwd`` the retained graph, are resident by then); after the call ``VmHWM`` from ``/proc/self/status`` minus
-that RSS is the call's peak memory. Both come from the same call. Where ``clear_refs`` is not writable (not
-Linux, or a locked-down container) the peak is measured in a fresh subprocess per measurement instead.
+for ``bwd`` the graph of the untimed forward, are resident by then); after the call ``VmHWM`` from
+``/proc/self/status`` minus that RSS is the call's peak memory. Both come from the same call. Where ``clear_refs``
+is not writable (not Linux, a locked-down container; or forced with FUSEDPG_BENCH_MEMORY=subprocess) the peak is
+measured in a fresh subprocess per measurement instead, and the time still in this process.
 
 CUDA: ``triton.testing.do_bench`` (median and 20/80 quantiles, L2 flushed between calls) for time (the same method
 with an untimed setup for ``bwd``), and ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``

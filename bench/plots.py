@@ -43,7 +43,8 @@ def plot_rows(rows: Sequence[Dict], out_dir: str) -> List[str]:
                         err = [[y - r["q20_ms"] for y, r in zip(ys, pts)], [r["q80_ms"] - y for y, r in zip(ys, pts)]]
                         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
                     else:
-                        mem = [(r["n"], r["peak_mem_bytes"] / MIB) for r in pts if r.get("peak_mem_bytes")]  # log axis: > 0
+                        # log axis: only positive peaks
+                        mem = [(r["n"], r["peak_mem_bytes"] / MIB) for r in pts if r.get("peak_mem_bytes")]
                         if mem:
                             ax.plot(*zip(*mem), marker="o", label=name)
                 ax.set_xscale("log", base=2)

@@ -19,12 +19,12 @@ import torch
 CASE_MODULES = ("case_linear", "case_logits")
 
 #: Mode name -> what one timed call does. ``fwd`` runs with autograd recording (outputs saved for a backward, then
-#: dropped); ``bwd`` is the backward alone on a graph built once and retained; ``fwd+bwd`` is both; ``fwd-nograd``
+#: dropped); ``bwd`` is the backward alone, after an untimed forward; ``fwd+bwd`` is both; ``fwd-nograd``
 #: is the old/reference-policy pass of RL trainers (not run unless asked for with --mode).
 MODES = {
     "fwd+bwd": "forward and backward",
     "fwd": "forward with autograd recording",
-    "bwd": "backward alone on a retained graph",
+    "bwd": "backward alone, after an untimed forward",
     "fwd-nograd": "forward under torch.no_grad()",
 }
 DEFAULT_MODES = ("fwd+bwd", "fwd", "bwd")

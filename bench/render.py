@@ -20,7 +20,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def render(rows: List[Dict]) -> str:
     sections: Dict = {}
     for row in rows:
-        sections.setdefault((row.get("device_name", "unknown device"), row.get("git_commit", "unknown")), []).append(row)
+        key = (row.get("device_name", "unknown device"), row.get("git_commit", "unknown"))
+        sections.setdefault(key, []).append(row)
     out = []
     for (device, commit), group in sections.items():
         first = group[0]

@@ -131,6 +131,13 @@ def _fmt(x: Optional[float], spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _ms(x: Optional[float]) -> str:
+    """Milliseconds with three or four significant digits and never an exponent (CPU calls take 10^4 ms)."""
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}" if x >= 0.01 else f"{x:.2g}"
+
+
 def markdown_table(rows: Sequence[Dict]) -> str:
     """One line per measured row, grouped by (case, shape, dtype, mode); the last two columns divide ours by that
     impl (below 1: ours is faster / smaller). Rows that could not run here for a fixed reason (missing, skipped)
@@ -154,7 +161,7 @@ def markdown_table(rows: Sequence[Dict]) -> str:
             else:
                 mem = r.get("peak_mem_bytes")
                 cells += [
-                    _fmt(r["median_ms"], ".4g"), f"{_fmt(r['q20_ms'], '.4g')}–{_fmt(r['q80_ms'], '.4g')}",
+                    _ms(r["median_ms"]), f"{_ms(r['q20_ms'])}–{_ms(r['q80_ms'])}",
                     _fmt(None if mem is None else mem / MIB, ".1f"), _fmt(r.get("tflops"), ".3g"),
                     _fmt(ratio(ours and ours["median_ms"], r["median_ms"])),
                     _fmt(ratio(ours and ours.get("peak_mem_bytes"), mem)),
@@ -210,10 +217,9 @@ def target_lines(rows: Sequence[Dict]) -> List[str]:
             value = None
         elif t.metric == "ms":
             value = ours["median_ms"]
-        elif t.metric == "time_ratio":
-            value = ratio(ours["median_ms"], eager.get("median_ms") if eager.get("status") == "ok" else None)
         else:
-            value = ratio(ours.get("peak_mem_bytes"), eager.get("peak_mem_bytes") if eager.get("status") == "ok" else None)
+            field = "median_ms" if t.metric == "time_ratio" else "peak_mem_bytes"
+            value = ratio(ours.get(field), eager.get(field) if eager.get("status") == "ok" else None)
         verdict = "not measured" if value is None else ("MET" if value <= t.bound else "MISSED")
         lines.append(f"target {t.case} {t.shape} {t.dtype} {t.mode}: {_METRIC_TEXT[t.metric]} = {_fmt(value, '.3f')} "
                      f"(target <= {t.bound:.3g}, {t.source}): {verdict}")

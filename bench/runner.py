@@ -72,7 +72,8 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _failure(err: BaseException) -> Tuple[str, str]:
-    return ("oom" if _is_oom(err) else "error"), f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return ("oom" if _is_oom(err) else "error"), f"{type(err).__name__}: {first}"
 
 
 def _cleanup(device: str) -> None:
@@ -178,7 +179,8 @@ class Runner:
                 self._tick(f"{label} {impl.name}", _short(results[impl.name]))
         else:
             results = self._cpu_group(case, shape, mode, impls, inputs, reset, label)
-        del inputs, leaves
+        inputs = None
+        leaves.clear()  # the group's tensors go before the next group allocates its own
         _cleanup(plan.device)
         for impl in impls:
             r = results[impl.name]
@@ -231,7 +233,7 @@ class Runner:
                     sample(impl, i)
                 if i == rounds - 1:
                     self._tick(f"{label} {impl.name}", _short(res[impl.name]))
-        del calls
+        calls.clear()
         for impl in impls:
             r = res[impl.name]
             if r["status"] != "ok":

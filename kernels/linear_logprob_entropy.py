@@ -8,7 +8,7 @@ and writes dL/du for it; the launcher turns the [rows, V] chunk into dhidden and
 import triton
 import triton.language as tl
 
-from .softmax_tile import finalize_stats, grad_tile, merge_stats, tile_stats
+from .softmax_tile import finalize_stats, grad_tile, load_grad_rows, merge_stats, tile_stats
 
 
 @triton.jit
@@ -122,16 +122,8 @@ def _linear_logprob_entropy_bwd_kernel(
     col_mask = cols < V
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
-    m = tl.load(mx_ptr + rows64, mask=row_mask, other=0.0)
-    log_s = tl.load(ls_ptr + rows64, mask=row_mask, other=0.0)
-    entropy = tl.load(ent_ptr + rows64, mask=row_mask, other=0.0)
-    c = tl.load(c_ptr + rows64, mask=row_mask, other=0.0)
-    if HAS_D:
-        d = tl.load(d_ptr + rows64, mask=row_mask, other=0.0)
-    else:
-        d = c
+    y, temp, m, log_s, entropy, c, d = load_grad_rows(y_ptr, t_ptr, mx_ptr, ls_ptr, ent_ptr, c_ptr, d_ptr, rows64,
+                                                      row_mask, stride_t, HAS_D)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, temp, H,
                      stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BT, BV, BK)
     hit = cols[None, :] == y[:, None]

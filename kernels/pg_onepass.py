@@ -8,7 +8,8 @@ it evenly on ties) so the two agree to rounding.
 import triton
 import triton.language as tl
 
-from .softmax_tile import LOG2E, finalize_stats, grad_tile, merge_stats, tile_stats
+from .logprob_entropy import _load_tempered, row_stats
+from .softmax_tile import LOG2E, grad_tile
 
 # SURROGATE codes
 CLIP: tl.constexpr = 0
@@ -112,21 +113,8 @@ def _pg_onepass_kernel(
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
-    inv_t = 1.0 / tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
-    m = tl.full([BT], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BT], dtype=tl.float32)
-    q = tl.zeros([BT], dtype=tl.float32)
-    zy = tl.zeros([BT], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        col_mask = cols < V
-        ptrs = x_ptr + rows64[:, None] * stride_n + cols.to(tl.int64)[None, :]
-        z = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
-        z = tl.where(col_mask[None, :], z * inv_t[:, None], float("-inf"))  # [BT, BV]
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-        m_b, s_b, q_b = tile_stats(z, True)
-        m, s, q = merge_stats(m, s, q, m_b, s_b, q_b)
-    lp, ent, m, log_s = finalize_stats(m, s, q, zy, True)
+    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    lp, ent, m, log_s = row_stats(x_ptr, rows64, row_mask, y, temp, V, stride_n, True, BT, BV)
     old = tl.load(old_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
     adv = tl.load(adv_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
@@ -145,9 +133,8 @@ def _pg_onepass_kernel(
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         col_mask = cols < V
-        ptrs = x_ptr + rows64[:, None] * stride_n + cols.to(tl.int64)[None, :]
-        io_mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(ptrs, mask=io_mask, other=float("-inf")).to(tl.float32)
-        z = tl.where(col_mask[None, :], z * inv_t[:, None], float("-inf"))
-        g = grad_tile(z, cols[None, :] == y[:, None], m, log_s, ent, c, d, inv_t, HAS_D)
-        tl.store(ptrs, g.to(x_ptr.dtype.element_ty), mask=io_mask)
+        cols64 = cols.to(tl.int64)
+        z = _load_tempered(x_ptr, rows64, row_mask, cols64, col_mask, temp, stride_n)
+        g = grad_tile(z, cols[None, :] == y[:, None], m, log_s, ent, c, d, temp, HAS_D)  # [BT, BV]
+        tl.store(x_ptr + rows64[:, None] * stride_n + cols64[None, :], g.to(x_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])

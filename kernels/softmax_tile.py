@@ -78,3 +78,20 @@ def grad_tile(z, hit, m, log_s, entropy, c, d, temp, HAS_D: tl.constexpr):
         coef = c[:, None] + tl.zeros_like(logp)
     g = tl.where(hit, c[:, None], 0.0) - p * coef
     return tl.math.div_rn(g, temp[:, None])  # [BT, BV]; rounded like the reference's grad / T
+
+
+@triton.jit
+def load_grad_rows(y_ptr, t_ptr, mx_ptr, ls_ptr, ent_ptr, c_ptr, d_ptr, rows64, row_mask, stride_t,
+                   HAS_D: tl.constexpr):
+    """Per-row inputs of a gradient tile: target, temperature, saved (m, log s, H) and upstream (c, d)."""
+    y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
+    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    m = tl.load(mx_ptr + rows64, mask=row_mask, other=0.0)
+    log_s = tl.load(ls_ptr + rows64, mask=row_mask, other=0.0)
+    entropy = tl.load(ent_ptr + rows64, mask=row_mask, other=0.0)
+    c = tl.load(c_ptr + rows64, mask=row_mask, other=0.0)
+    if HAS_D:
+        d = tl.load(d_ptr + rows64, mask=row_mask, other=0.0)
+    else:
+        d = c
+    return y, temp, m, log_s, entropy, c, d

@@ -27,7 +27,8 @@ def test_grid(case: LinearCase, dtype, backend):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_output_shape_dtype_3d(dtype, backend):
     x = make_linear_inputs(LinearCase(n=12, batch=4, dtype=dtype), backend.device)
-    logp, ent = fusedpg.linear_logprob_entropy(x["hidden"], x["weight"], x["targets"], bias=x["bias"], impl=backend.impl)
+    logp, ent = fusedpg.linear_logprob_entropy(x["hidden"], x["weight"], x["targets"], bias=x["bias"],
+                                               impl=backend.impl)
     assert logp.shape == ent.shape == x["targets"].shape == (4, 3)
     assert logp.dtype == ent.dtype == torch.float32
     assert logp.device.type == ent.device.type == torch.device(backend.device).type

@@ -3,7 +3,6 @@
 The Triton kernels run on CUDA when present, else on CPU through Triton's interpreter (tiny shapes, 16-token tiles
 so several tiles, partial tiles and several programs are exercised).
 """
-import importlib
 from dataclasses import replace
 
 import pytest
@@ -17,17 +16,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 @pytest.fixture
-def triton_impl(monkeypatch):
-    """'triton' on CUDA; on CPU the interpreter, with the kernel module (re)loaded under TRITON_INTERPRET=1
-    (triton.jit picks interpreter or compiler when a kernel is defined)."""
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from triton.runtime.interpreter import InterpretedFunction
-
-        kernels = importlib.import_module("fusedpg.kernels.prefix_attention")
-        if not isinstance(kernels._prefix_attention_fwd_kernel, InterpretedFunction):
-            importlib.reload(kernels)
-            importlib.reload(importlib.import_module("fusedpg.prefix.launch_triton"))
+def triton_impl():
+    """'triton': the real kernels on CUDA; on CPU the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+    any kernel is defined)."""
     return "triton"
 
 

@@ -7,7 +7,6 @@ with ``prefix_layout``. Loss: a policy-gradient-style ``sum w * logp + sum u * e
 (random non-uniform weights, so a leaked or swapped completion changes it) through ``fusedpg.linear_logprob_entropy``.
 """
 import copy
-import importlib
 import types
 
 import pytest
@@ -134,15 +133,7 @@ def test_fp32_grouped_matches_under_tolerance_model(arch):
 
 
 def test_triton_kernels_inside_the_model(monkeypatch):
-    """The same equivalence with the Triton kernels (the interpreter on CPU)."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from triton.runtime.interpreter import InterpretedFunction
-
-        kernels = importlib.import_module("fusedpg.kernels.prefix_attention")
-        if not isinstance(kernels._prefix_attention_fwd_kernel, InterpretedFunction):
-            importlib.reload(kernels)
-            importlib.reload(importlib.import_module("fusedpg.prefix.launch_triton"))
+    """The same equivalence with the Triton kernels (the interpreter on CPU, set up by tests/conftest.py)."""
     truth, _, _ = _run_both("llama", torch.float64)
     eager, _, layout = _run_both("llama", torch.float32)
     monkeypatch.setenv("FUSEDPG_IMPL", "triton")

@@ -3,7 +3,6 @@ truth under the tolerance model (DESIGN.md §5). Derandomised, so a CI run is re
 200 cases per run on the torch plan and 40 through the Triton interpreter (or the CUDA kernels)."""
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

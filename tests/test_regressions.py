@@ -18,7 +18,7 @@ from fusedpg.linear.function import LinearLogprobEntropyFunction
 from fusedpg.options import LogProbOptions
 from fusedpg.reference import linear_logprob_entropy_reference
 
-from conftest import DTYPES, HAS_CUDA, assert_all_ok
+from conftest import BACKENDS, DTYPES, HAS_CUDA, assert_all_ok
 
 
 def _fwd_bwd(backend, x, *, op="linear", temperature=None, inplace=False, grad_ent=True):
@@ -26,9 +26,11 @@ def _fwd_bwd(backend, x, *, op="linear", temperature=None, inplace=False, grad_e
     temp = x["temperature"] if temperature is None else temperature
     y = x["targets"]
     if op == "linear":
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x["hidden"], x["weight"]) + ((x["bias"],) if x["bias"] is not None else ())]
+        inputs = [x["hidden"], x["weight"]] + ([x["bias"]] if x["bias"] is not None else [])
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
         bias = leaves[2] if len(leaves) > 2 else None
-        logp, ent = fusedpg.linear_logprob_entropy(leaves[0], leaves[1], y, bias=bias, temperature=temp, impl=backend.impl)
+        logp, ent = fusedpg.linear_logprob_entropy(leaves[0], leaves[1], y, bias=bias, temperature=temp,
+                                                   impl=backend.impl)
     else:
         logits = x["hidden"].double() @ x["weight"].double().T
         if x["bias"] is not None:
@@ -104,7 +106,9 @@ def test_03_shift_invariance_at_minus_1e4(backend, op):
     assert torch.isfinite(moved[2]).all()
     torch.testing.assert_close(moved[2], base[2], rtol=0, atol=2e-3 * float(base[2].abs().max()) + 1e-6)
     # and the shifted run itself is held to the float64 truth of its own inputs
-    assert_all_ok(check_linear(LinearCase(**{**case.__dict__, "shift": -1e4}), impl=backend.impl, device=backend.device))
+    shifted_case = LinearCase(**{**case.__dict__, "shift": -1e4})
+    check = check_linear if op == "linear" else check_logits
+    assert_all_ok(check(shifted_case, impl=backend.impl, device=backend.device))
 
 
 # ---------------------------------------------------------------------------------------------------------- #4
@@ -251,11 +255,10 @@ def _launch_all(backend, n, temperature, dtype=torch.float32):
     _fwd_bwd(backend, x, op="logits", temperature=temperature)
 
 
-def test_07_no_new_kernel_variants_after_warmup(monkeypatch, backend):
+def test_07_no_new_kernel_variants_after_warmup(monkeypatch):
     """#7: after a warm-up, new lengths and temperatures launch no new kernel specialisation. In the interpreter the
     launch keys are inspected; on CUDA the JIT caches are counted as well."""
-    if backend.impl != "triton":
-        pytest.skip("the torch plan has no kernels")
+    backend = BACKENDS[1]
     import fusedpg.linear.launch_triton as lt
     import fusedpg.logits.launch_triton as gt
 

@@ -2,8 +2,6 @@
 valid edge inputs give correct, finite results."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ import fusedpg
 from fusedpg import checks
 from fusedpg.equivalence import LinearCase, check_linear, check_logits
 
-from conftest import assert_all_ok
+from conftest import BACKENDS, assert_all_ok
 
 N, H, V = 6, 8, 11
 
@@ -49,7 +47,8 @@ def _raises(exc, *names, value=None):
             if not handled:  # another exception type: let it propagate as the failure
                 return False
             msg = str(self.info.value)
-            assert type(self.info.value) is exc, f"expected exactly {exc.__name__}, got {type(self.info.value).__name__}"
+            got = type(self.info.value).__name__
+            assert type(self.info.value) is exc, f"expected exactly {exc.__name__}, got {got}"
             for name in names:
                 assert name in msg, f"message does not name {name!r}: {msg}"
             if value is not None:
@@ -337,9 +336,9 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         _linear(impl="triton")
 
 
-def test_triton_rejects_fp64(backend):
-    if backend.impl != "triton":
-        pytest.skip("fp64 runs on the torch plan (for gradcheck)")
+def test_triton_rejects_fp64():
+    """fp64 runs on the torch plan only (for gradcheck); the Triton path says so."""
+    backend = BACKENDS[1]
     h, w, y = _inputs(torch.float64, device=backend.device)
     with _raises(TypeError, "hidden", "triton", value=torch.float64):
         fusedpg.linear_logprob_entropy(h, w, y, impl="triton")
@@ -386,8 +385,8 @@ def test_every_row_ignored(backend, dtype):
     h.requires_grad_(True)
     w.requires_grad_(True)
     b = torch.randn(V, dtype=dtype, device=backend.device, requires_grad=True)
-    logp, ent = fusedpg.linear_logprob_entropy(h, w, y, bias=b, temperature=torch.full((N,), 0.7, device=backend.device),
-                                               impl=backend.impl)
+    t = torch.full((N,), 0.7, device=backend.device)
+    logp, ent = fusedpg.linear_logprob_entropy(h, w, y, bias=b, temperature=t, impl=backend.impl)
     assert torch.all(logp == 0) and torch.all(ent == 0)
     (logp.sum() * 3 + ent.sum()).backward()
     for p in (h, w, b):

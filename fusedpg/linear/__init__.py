@@ -48,6 +48,14 @@ def linear_logprob_entropy(
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
     checks.linear_inputs(hidden, weight, targets, bias)
+    if torch.compiler.is_compiling():  # custom op: no graph break; value checks run inside the op
+        from ..integrations.compile import linear_logprob_entropy_op
+
+        if check_targets is None:
+            check_targets = LogProbOptions.default_check_targets()
+        return linear_logprob_entropy_op(hidden, weight, targets, bias=bias, temperature=temperature,
+                                         ignore_index=ignore_index, compute_entropy=compute_entropy,
+                                         check_targets=check_targets, impl=impl)
     lead = hidden.shape[:-1]
     temp = checks.temperature(temperature, lead, hidden.device)
     if check_targets is None:

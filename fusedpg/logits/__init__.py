@@ -45,6 +45,13 @@ def logprob_entropy(
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
     checks.logits_inputs(logits, targets)
+    if torch.compiler.is_compiling():  # custom op (inplace_backward is not honoured under compile)
+        from ..integrations.compile import logprob_entropy_op
+
+        if check_targets is None:
+            check_targets = LogProbOptions.default_check_targets()
+        return logprob_entropy_op(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                  compute_entropy=compute_entropy, check_targets=check_targets, impl=impl)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     temp = checks.temperature(temperature, lead, logits.device)
     if check_targets is None:

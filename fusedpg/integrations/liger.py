@@ -1,0 +1,265 @@
+"""A drop-in replacement for liger-kernel's ``LigerFusedLinearGRPOLoss`` backed by fusedpg.
+
+``from fusedpg.integrations.liger import LigerFusedLinearGRPOLoss`` in place of
+``from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss``: the constructor (liger-kernel 0.8.x, every
+keyword and default), ``forward``'s positional/keyword signature and the return value ``(loss, metrics)`` are
+Liger's, with ``metrics = (kl_mean, clip_ratio)`` when ``beta != 0`` and ``(clip_ratio,)`` otherwise, computed by
+Liger's formulas (KL mean and direction-aware clip fraction over the tokens of ``attention_mask``).
+
+Semantics follow Liger (= TRL's ``_compute_loss`` without GA) for every loss type it supports (grpo, bnpo, dr_grpo,
+dapo, cispo, sapo, luspo, vespo; token or sequence importance sampling): no log-ratio clamp, no dual clip, k3 KL,
+CISPO's ``epsilon_high`` as an absolute cap, LUSPO's unmasked ``B*T`` mean, ``vllm_is_ratio`` multiplying the
+policy term (folded into VESPO's weight), ``num_items_in_batch / world_size`` as the dapo/cispo/vespo normaliser.
+
+Differences, all documented:
+
+* ``compiled`` and ``chunk_size`` are accepted and stored but unused (fusedpg chunks by tokens itself).
+* Without ``num_items_in_batch`` under an initialised process group, Liger all-reduces the mask sum *per chunk*
+  inside the loss; this module does one ``all_reduce`` per call (``allreduce_normalizer=True``, the default, for
+  identical numbers), or none with ``allreduce_normalizer=False`` (local token count, like TRL's ``bnpo``).
+  Pass ``num_items_in_batch`` to avoid the collective entirely.
+* ``delta`` must exceed ``1 + epsilon_high`` (below it fusedpg raises: positive-advantage tokens inside the clip
+  range would lose their gradient); Liger accepts any ``delta > 0``. ``delta`` is ignored for cispo/sapo/vespo,
+  as in Liger.
+* With ``use_ref_model=True``, ``ref_per_token_logps=None`` and ``ref_input`` given, the reference log-probs are
+  computed with ``ref_weight`` (default: ``lin_weight``) and ``ref_bias`` by fusedpg's primitive, without grad.
+* ``old_per_token_logps=None`` (on-policy) costs one extra no-grad forward of the head to form ``old``.
+* The loss is differentiable w.r.t. ``_input``, ``lin_weight`` and ``bias`` like Liger's; metric tensors are
+  detached.
+
+Extra keyword-only constructor arguments: ``impl`` (``"triton"``/``"torch"``/``"reference"``; default by device),
+``chunk_bytes``, ``allreduce_normalizer``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..linear import linear_logprob_entropy
+from ..pg import fused_linear_pg_loss
+
+__all__ = ["LigerFusedLinearGRPOLoss", "liger_options", "LIGER_LOSS_TYPES"]
+
+LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+_AGGREGATION = {"sapo": "grpo", "cispo": "dapo", "vespo": "dapo"}
+_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def liger_options(*, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
+                  max_completion_length: Optional[int], importance_sampling_level: str, sapo_temperature_pos: float,
+                  sapo_temperature_neg: float, delta: Optional[float], use_bias_correction_kl: bool,
+                  vespo_k_pos: float, vespo_lambda_pos: float, vespo_k_neg: float, vespo_lambda_neg: float,
+                  num_items_in_batch=None, world_size: int = 1) -> dict:
+    """The :class:`fusedpg.PGLossConfig` keywords that express Liger's GRPO loss with these options."""
+    if loss_type not in LIGER_LOSS_TYPES:
+        raise ValueError(f"Unknown loss type: {loss_type}; LigerFusedLinearGRPOLoss supports {LIGER_LOSS_TYPES}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}. Possible values are "
+                         "'token' and 'sequence'.")
+    if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
+        raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
+                         "Use importance_sampling_level='token' instead.")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
+    opts = dict(loss_type=loss_type, epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+                dual_clip_c=float("inf"), log_ratio_clamp=None, beta=float(beta), kl_estimator="k3",
+                kl_bias_correction=bool(use_bias_correction_kl) and beta != 0.0,
+                importance_sampling_level=importance_sampling_level, aggregation=_AGGREGATION.get(loss_type, loss_type),
+                luspo_unmasked=loss_type == "luspo", cispo_mode="trl", sapo_tau_pos=float(sapo_temperature_pos),
+                sapo_tau_neg=float(sapo_temperature_neg), vespo_k_pos=float(vespo_k_pos),
+                vespo_lambda_pos=float(vespo_lambda_pos), vespo_k_neg=float(vespo_k_neg),
+                vespo_lambda_neg=float(vespo_lambda_neg), top_entropy_quantile=1.0, gradient_accumulation_steps=1,
+                world_size=int(world_size))
+    if max_completion_length is not None:
+        opts["max_completion_length"] = int(max_completion_length)
+    if delta is not None and loss_type in _CLIPPED:
+        opts["delta"] = float(delta)
+    if num_items_in_batch is not None:
+        opts["num_items_in_batch"] = float(num_items_in_batch)
+    return opts
+
+
+class LigerFusedLinearGRPOLoss(torch.nn.Module):
+    """Fused linear layer with GRPO loss (liger-kernel's API, fusedpg's kernels). See the module docstring."""
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: Optional[float] = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        *,
+        impl: Optional[str] = None,
+        chunk_bytes: Optional[int] = None,
+        allreduce_normalizer: bool = True,
+    ):
+        super().__init__()
+        if sapo_temperature_pos <= 0:
+            raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
+        if sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_neg must be positive, got {sapo_temperature_neg}")
+        if delta is not None and delta <= 0:
+            raise ValueError(f"delta must be positive, got {delta}")
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.loss_type = loss_type
+        self.max_completion_length = max_completion_length
+        self.importance_sampling_level = importance_sampling_level
+        self.sapo_temperature_pos = sapo_temperature_pos
+        self.sapo_temperature_neg = sapo_temperature_neg
+        self.temperature = temperature
+        self.delta = delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.vespo_k_pos = vespo_k_pos
+        self.vespo_lambda_pos = vespo_lambda_pos
+        self.vespo_k_neg = vespo_k_neg
+        self.vespo_lambda_neg = vespo_lambda_neg
+        self.impl = impl
+        self.chunk_bytes = chunk_bytes
+        self.allreduce_normalizer = allreduce_normalizer
+        liger_options(**self._option_kwargs())  # validate now, as Liger does (partly) at construction
+
+    def _option_kwargs(self, **extra) -> dict:
+        return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                    loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+                    importance_sampling_level=self.importance_sampling_level,
+                    sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+                    delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl,
+                    vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos,
+                    vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=self.vespo_lambda_neg, **extra)
+
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+    ):
+        B, T = attention_mask.shape
+        work = _input.dtype if _input.dtype == torch.float64 else torch.float32
+        mask = attention_mask.to(work)
+        beta = float(self.beta)
+        ref = None
+        if beta != 0.0 and self.use_ref_model:
+            if ref_per_token_logps is None:
+                if ref_input is None:
+                    raise ValueError("If use_ref_model is True, ref_per_token_logps or ref_input must be provided")
+                with torch.no_grad():
+                    ref, _ = linear_logprob_entropy(
+                        ref_input.detach(), (lin_weight if ref_weight is None else ref_weight).detach(),
+                        selected_token_ids, bias=None if ref_bias is None else ref_bias.detach(),
+                        temperature=self.temperature, compute_entropy=False, impl=self.impl)
+            else:
+                ref = ref_per_token_logps
+            ref = ref.detach().to(work)
+        # Liger with beta != 0 and no reference model uses ref = logp.detach(): KL 0, zero gradient.
+        kl_active = beta != 0.0 and ref is not None
+        is_w = None
+        if vllm_is_ratio is not None:
+            if vllm_is_ratio.dim() not in (1, 2) or vllm_is_ratio.shape[0] != B or (
+                    vllm_is_ratio.dim() == 2 and vllm_is_ratio.shape[1] not in (1, T)):
+                raise ValueError(f"vllm_is_ratio must be ({B},), ({B}, 1) or ({B}, {T}), got "
+                                 f"{tuple(vllm_is_ratio.shape)}")
+            is_w = vllm_is_ratio.detach().to(work)
+            if self.loss_type == "vespo":
+                # Liger folds sum over the ratio's last dim (all T cells, padding included, or the one (B, 1) value)
+                # of clamp(log r) into VESPO's sequence log-weight. fusedpg folds sum_t m_t clamp(log w_t): spread
+                # that total evenly over the sequence's valid tokens.
+                logs = is_w.reshape(B, -1).log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
+                is_w = torch.exp(logs / mask.sum(-1, keepdim=True).clamp(min=1.0)).expand(B, T)
+            elif is_w.dim() == 2 and is_w.shape[1] == 1:
+                is_w = is_w[:, 0]
+        world = 1
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if dist_on:
+            world = torch.distributed.get_world_size()
+        nib = num_items_in_batch
+        if nib is None and dist_on and self.allreduce_normalizer and self.loss_type in ("dapo", "cispo", "vespo"):
+            total = mask.sum().detach().clone()
+            torch.distributed.all_reduce(total)
+            nib = total
+        if isinstance(nib, torch.Tensor):
+            nib = float(nib.item())
+        if nib is None:
+            world = 1  # local token mean: P / N_glob with P = 1
+        opts = liger_options(**self._option_kwargs(num_items_in_batch=nib, world_size=world))
+        if not kl_active:
+            opts.update(beta=0.0, kl_bias_correction=False)
+        if old_per_token_logps is None:
+            # on-policy (Liger/TRL: old = logp.detach()); fusedpg's losses take old log-probs as an input, so one
+            # extra no-grad forward of the head computes them (ratio 1 up to rounding, gradient -A as on-policy).
+            with torch.no_grad():
+                old, _ = linear_logprob_entropy(_input.detach(), lin_weight.detach(), selected_token_ids,
+                                                bias=None if bias is None else bias.detach(),
+                                                temperature=self.temperature, compute_entropy=False,
+                                                check_targets=False, impl=self.impl)
+            old = old.to(work)
+        else:
+            old = old_per_token_logps.detach().to(work)
+        loss, met = fused_linear_pg_loss(
+            _input, lin_weight, selected_token_ids, advantages, mask, old_logp=old, ref_logp=ref if kl_active else None,
+            bias=bias, temperature=self.temperature, return_token_stats=True, impl=self.impl,
+            chunk_bytes=self.chunk_bytes, is_weights=is_w, **opts)
+        metrics = self._metrics(met["logp"].detach().to(work), old, ref, advantages.detach().to(work), mask, beta,
+                                kl_active)
+        return loss.float() if loss.dtype != torch.float64 else loss, metrics
+
+    def _metrics(self, logp, old, ref, adv, mask, beta, kl_active):
+        """Liger's metrics: masked KL mean (if beta != 0) and the direction-aware clip fraction over tokens."""
+        on = mask > 0
+        denom = mask.sum().clamp(min=1.0)
+        lr = torch.zeros_like(logp) if old is None else torch.where(on, logp - old, torch.zeros_like(logp))
+        if self.importance_sampling_level == "sequence":
+            log_w = ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        else:
+            log_w = lr
+        coef = torch.exp(log_w)
+        out = []
+        if beta != 0.0:
+            if kl_active:
+                d = torch.where(on, ref - logp, torch.zeros_like(logp))
+                kl = torch.exp(d) - d - 1.0
+                if self.use_bias_correction_kl:
+                    kl = kl * coef
+                out.append((kl * mask).sum() / denom)
+            else:
+                out.append(torch.zeros((), dtype=logp.dtype, device=logp.device))
+        a = adv.reshape(adv.shape[0], -1)
+        if self.loss_type in ("sapo", "vespo"):
+            clipped = torch.zeros_like(mask, dtype=torch.bool)
+        elif self.loss_type == "cispo":
+            clipped = (coef > self.epsilon_high) & (a > 0)
+        else:
+            clipped = ((coef < 1 - self.epsilon_low) & (a < 0)) | ((coef > 1 + self.epsilon_high) & (a > 0))
+        clipped = clipped.expand_as(mask)
+        out.append((clipped.to(mask.dtype) * mask).sum() / denom)
+        return tuple(m.detach() for m in out)
