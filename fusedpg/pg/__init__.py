@@ -80,6 +80,15 @@ def fused_linear_pg_loss(
         loss, metrics = fusedpg.pg_loss(logp, advantages, mask, entropy=entropy, old_logp=old_logp, ...)
     """
     checks.linear_inputs(hidden, weight, targets, bias)
+    if torch.compiler.is_compiling():  # custom op: no graph break; validation runs inside the op
+        from ..integrations.compile import config_key, fused_linear_pg_loss_op
+
+        return fused_linear_pg_loss_op(
+            hidden, weight, targets, advantages, mask, config_json=config_key(config, loss_type, **options),
+            old_logp=old_logp, ref_logp=ref_logp, bias=bias, temperature=temperature, seq_ids=seq_ids,
+            return_token_stats=return_token_stats, impl=impl, chunk_bytes=chunk_bytes, plan=plan,
+            rollout_logp=rollout_logp, is_weights=is_weights, old_entropy=old_entropy, group_ids=group_ids,
+            step_ids=step_ids, token_weights=token_weights, truncated=truncated)
     checks.tensor("mask", mask)
     lead = hidden.shape[:-1]
     if tuple(mask.shape) != tuple(lead):
