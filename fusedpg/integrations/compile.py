@@ -107,10 +107,8 @@ def _linear_lpe_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torch.T
     opts = LogProbOptions(ignore_index=int(ignore_index), compute_entropy=bool(compute_entropy))
     rows = Rows(targets, opts.ignore_index)
     needs = (need_h, need_w, need_b and bias is not None)
-    empty = hidden.new_empty(0)
     if rows.count == 0 or not any(needs):
-        zeros = [torch.zeros_like(x) if need else empty for x, need in zip((hidden, weight, bias), needs)]
-        return [z if z is not None else empty for z in zeros]
+        return [torch.zeros_like(x) if need else hidden.new_empty(0) for x, need in zip((hidden, weight, bias), needs)]
     d = rows.take(grad_entropy) if (compute_entropy and grad_entropy is not None) else None
     dh, dw, db = _plan(impl).backward(rows.take(hidden), weight, bias, rows.take(targets), rows.take(temp),
                                       rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(grad_logp), d,
@@ -119,7 +117,7 @@ def _linear_lpe_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torch.T
     for g, x, need, scatter in ((dh, hidden, needs[0], True), (dw, weight, needs[1], False),
                                 (db, bias, needs[2], False)):
         if not need:
-            out.append(empty)
+            out.append(hidden.new_empty(0))
         elif g is None:
             out.append(torch.zeros_like(x))
         else:
@@ -268,6 +266,7 @@ _OPTIONAL = ("old_logp", "ref_logp", "bias", "seq_ids", "rollout_logp", "is_weig
              "step_ids", "token_weights", "truncated", "temperature")
 
 
+@torch._dynamo.assume_constant_result
 def config_key(config=None, loss_type=None, **options) -> str:
     """A JSON string naming the resolved :class:`fusedpg.PGLossConfig` (the op's only non-tensor loss argument)."""
     from ..losses import make_config
@@ -321,7 +320,7 @@ def _fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     out_grads = []
     for x, need in zip((h, w, b), needs):
         if not need:
-            out_grads.append(empty)
+            out_grads.append(hidden.new_empty(0))
             continue
         g = grads.pop(0) if grads else None
         out_grads.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
@@ -335,7 +334,7 @@ def _fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         stats = [met["logp"].detach().to(dtype).reshape(lead).clone(), met["entropy"].detach().to(dtype).reshape(lead)
                  .clone()]
     else:
-        stats = [empty, empty]
+        stats = [hidden.new_empty(0), hidden.new_empty(0)]
     return [loss.detach().to(dtype).clone(), vec] + out_grads + stats
 
 
@@ -344,12 +343,14 @@ def _(hidden, weight, targets, advantages, mask, old_logp, ref_logp, bias, seq_i
       old_entropy, group_ids, step_ids, token_weights, truncated, temp_t, temp_s, config, impl, chunk_bytes, plan,
       need_h, need_w, need_b, token_stats):
     dtype = _loss_dtype(hidden, (advantages, old_logp, ref_logp, rollout_logp, is_weights, old_entropy, token_weights))
-    empty = hidden.new_empty(0)
     need_b = need_b and bias is not None
-    stats = [mask.new_empty(mask.shape, dtype=dtype)] * 2 if token_stats else [empty, empty]
+    shape = tuple(mask.shape) if token_stats else (0,)
     return [hidden.new_empty((), dtype=dtype), hidden.new_empty(len(METRIC_KEYS), dtype=dtype),
-            torch.empty_like(hidden) if need_h else empty, torch.empty_like(weight) if need_w else empty,
-            torch.empty_like(bias) if need_b else empty] + [s.clone() for s in stats]
+            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b else hidden.new_empty(0),
+            hidden.new_empty(shape, dtype=dtype if token_stats else hidden.dtype),
+            hidden.new_empty(shape, dtype=dtype if token_stats else hidden.dtype)]
 
 
 def _pg_setup(ctx, inputs, output):
@@ -357,12 +358,13 @@ def _pg_setup(ctx, inputs, output):
     ctx.has_bias = inputs[7] is not None
 
 
-def _pg_backward(ctx, grad_loss, *_ignored):
+def _pg_backward(ctx, grads):
+    grad_loss = grads[0]  # the op returns a list: its gradients arrive as one list
     dh, dw, db = ctx.saved_tensors
     need = ctx.needs_input_grad
 
     def scale(g, i):
-        return (g * grad_loss.to(g.dtype)) if need[i] and g.numel() else None
+        return (g * grad_loss.to(g.dtype)) if need[i] and g.numel() and grad_loss is not None else None
 
     return (scale(dh, 0), scale(dw, 1)) + (None,) * 5 + (scale(db, 7) if ctx.has_bias else None,) + (None,) * 18
 
