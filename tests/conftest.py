@@ -116,6 +116,10 @@ GRID = {
     "all-ignored": LinearCase(ignore_frac=1.0),
     "T-per-token": LinearCase(temperature="per-token"),
     "T-tensor": LinearCase(temperature="tensor"),
+    # Unpeaked on purpose: with a peaked head at T = 1e-2 (logits ~ 1e3) the fp32 entropy is so ill-conditioned that
+    # the matmul's summation order alone (any order other than eager's own GEMM, e.g. compacted rows or K tiles)
+    # exceeds the elementwise model on ~5% of seeds, for an otherwise exact implementation (measured by emulating
+    # the K-split in torch). The logits op, which sees the eager logits, carries the peaked T = 1e-2 cases.
     "T1e-2": LinearCase(temperature=1e-2),
     "T1e2": LinearCase(temperature=1e2, peaked=True),
     "logits+1e4": LinearCase(shift=1e4),

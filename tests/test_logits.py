@@ -15,7 +15,7 @@ _HEAD_ONLY = {"grad-hidden-only", "grad-weight-only"}
 LOGITS_GRID = {k: v for k, v in GRID.items() if k not in _HEAD_ONLY}
 # The logits op sees exactly the eager logits, so the very ill-conditioned peaked head at T = 1e-2 (logits ~ 1e3)
 # can be held to the elementwise model here (on the fused head the matmul's summation order alone moves its entropy
-# by several eager errors; see tests/test_linear.py).
+# by several eager errors; see GRID in tests/conftest.py).
 LOGITS_GRID["T1e-2-peaked"] = LinearCase(temperature=1e-2, peaked=True)
 LOGITS_GRID["T1e-2-peaked-per-token"] = LinearCase(temperature="per-token", peaked=True, shift=-30.0)
 # In-place mode needs contiguous logits and only changes the backward.
