@@ -6,8 +6,16 @@ What is measured, per (case, shape, dtype, mode, impl), all impls on the same in
   * peak memory of that call above what was resident before it (inputs; for ``bwd`` also the forward's graph):
     CUDA max_memory_allocated, CPU the process's VmHWM after a reset through /proc/self/clear_refs (or, where that
     file is not writable, VmHWM of a fresh subprocess per measurement).
-Modes: fwd+bwd, fwd (autograd recording), bwd (after an untimed forward), fwd-nograd (opt-in). Cases and impls live in
-``registry.py`` and the ``case_*.py`` modules; ``fusedpg bench --list`` shows what runs here and why not.
+Modes: fwd+bwd, fwd (autograd recording), bwd (after an untimed forward), fwd-nograd (opt-in); each case has its own
+default modes. Cases and impls live in ``registry.py`` and the ``case_*.py`` modules; ``fusedpg bench --list`` shows
+what runs here and why not, and each case's shapes.
+
+Cases: linear (NxHxV), logits (NxHxV), pg (NxHxV[:loss_type]: dapo, grpo with KL, two-phase clip_cov), attention
+(P+LxG[:HQ/HKVxD], one group: prompt P, G completions of L tokens) and model (MODEL:P+LxG, MODEL tiny-qwen2 or
+qwen2-0.5b: one GRPO loss step). ``--shape`` text goes to every selected case whose form it has.
+
+The default CPU run (about 5 minutes on an idle 2-core machine) holds the two judged shapes (linear and pg dapo at
+4096x1024x32000 fp32, fwd+bwd) and small shapes of every case; --quick (about a minute) only small shapes.
 
 Output in --out (default bench/out/): rows.jsonl (as measured), results.json and results.csv (long format), table.md
 (the ratio table and the target lines, also printed) and <case>_time.png / <case>_memory.png.
@@ -40,13 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small shapes (CPU: well under 5 minutes)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--case", action="append", help="case names, comma-separated or repeated (default: all)")
-    p.add_argument("--shape", action="append", help="NxHxV, comma-free, repeatable; replaces the preset shapes")
+    p.add_argument("--shape", action="append",
+                   help="repeatable; replaces the preset shapes of every case that understands it: NxHxV "
+                        "(linear, logits, pg; pg also NxHxV:loss_type), P+LxG[:HQ/HKVxD] (attention), "
+                        "[MODEL:]P+LxG (model); cases with no --shape of their form are not run")
     p.add_argument("--impl", action="append",
                    help="impl names (default: all that run on this device); naming an opt-in impl such as "
                         "'compile' on CPU turns it on")
-    p.add_argument("--mode", action="append", help="fwd+bwd, fwd, bwd, fwd-nograd (default: fwd+bwd,fwd,bwd)")
+    p.add_argument("--mode", action="append",
+                   help="fwd+bwd, fwd, bwd, fwd-nograd (default per case: linear/logits fwd+bwd,fwd,bwd; attention "
+                        "fwd+bwd,fwd; pg and model fwd+bwd)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--reps", type=int, help="timed calls per measurement (default: 3 on CPU, about 10 on CUDA)")
+    p.add_argument("--reps", type=int,
+                   help="timed calls per measurement (default: CPU 5, or 3 once a measurement's calls took 10 s; "
+                        "about 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=1, help="CPU warm-up calls per impl (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, help="stop starting measurements after this long (rows say so)")
@@ -59,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list(device: str) -> None:
-    from .registry import MODES, SHAPE_PRESETS, availability, cases
+    from .registry import MODES, availability, cases
 
     for case in cases().values():
         print(f"case {case.name}: {case.description}")
@@ -67,8 +82,12 @@ def _list(device: str) -> None:
             status, detail = availability(impl, device, None)
             print(f"  {impl.name:8s} [{impl.role}] {status} on {device}{': ' + detail if detail else ''}")
     print("modes: " + ", ".join(f"{k} ({v})" for k, v in MODES.items()))
-    for (dev, quick), shapes in SHAPE_PRESETS.items():
-        print(f"shapes {dev}{' --quick' if quick else ''}: " + " ".join(s.label for s in shapes))
+    for case in cases().values():
+        print(f"case {case.name}: shape form {case.shape_form}; default modes {','.join(case.modes)}")
+        for dev in ("cpu", "cuda"):
+            for quick in (False, True):
+                shapes = case.preset(dev, quick)
+                print(f"  shapes {dev}{' --quick' if quick else ''}: " + (" ".join(s.label for s in shapes) or "-"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -76,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from . import measure
-    from .registry import DEFAULT_DTYPE, DEFAULT_MODES, MODES, SHAPE_PRESETS, Shape, all_impl_names, cases
+    from .registry import DEFAULT_DTYPE, MODES, all_impl_names, cases, default_items, items_from_text
 
     if args._child:
         from .runner import child_main
@@ -90,31 +109,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         _list(device)
         return 0
     registry = cases()
-    names, modes = _split(args.case) or list(registry), _split(args.mode) or list(DEFAULT_MODES)
+    names, modes = _split(args.case) or list(registry), _split(args.mode) or None
     impls = _split(args.impl)
-    for label, chosen, known in (("case", names, registry), ("mode", modes, MODES), ("impl", impls, all_impl_names())):
+    for label, chosen, known in (("case", names, registry), ("mode", modes or [], MODES),
+                                 ("impl", impls, all_impl_names())):
         bad = [c for c in chosen if c not in known]
         if bad:
             print(f"fusedpg bench: unknown --{label} {bad}; known: {sorted(known)}", file=sys.stderr)
             return 2
-    try:
-        shapes = [Shape.parse(s) for s in _split(args.shape)] or list(SHAPE_PRESETS[(device, args.quick)])
-    except ValueError as err:
-        print(f"fusedpg bench: {err}", file=sys.stderr)
-        return 2
-    return _run(args, device, names, shapes, modes, impls or None, DEFAULT_DTYPE, measure)
+    texts = _split(args.shape)
+    if texts:
+        items, unknown = items_from_text(names, texts)
+        if unknown:
+            forms = "; ".join(f"{n}: {registry[n].shape_form}" for n in names)
+            print(f"fusedpg bench: --shape {unknown} has the form of no selected case ({forms})", file=sys.stderr)
+            return 2
+        idle = [n for n in names if all(c != n for c, _ in items)]
+        if idle:
+            print(f"fusedpg bench: no --shape of their form for case(s) {', '.join(idle)}: not run")
+    else:
+        items = default_items(names, device, args.quick)
+    return _run(args, device, names, items, modes, impls or None, DEFAULT_DTYPE, measure)
 
 
-def _run(args, device, names, shapes, modes, impls, default_dtype, measure) -> int:
+def _run(args, device, names, items, modes, impls, default_dtype, measure) -> int:
     from .plots import plot_rows
     from .progress import Progress
-    from .report import RowSink, environment, markdown_table, stamp_line, target_lines
+    from .report import RowSink, environment, markdown_table, ratio_lines, stamp_line, target_lines
     from .runner import Plan, Runner
 
     memory = "clear_refs" if device == "cuda" or measure.clear_refs_writable() else "subprocess"
-    plan = Plan(device=device, dtype=args.dtype or default_dtype[device], cases=names, shapes=shapes, modes=modes,
-                impls=impls, reps=args.reps or (3 if device == "cpu" else 10), warmup=args.warmup, seed=args.seed,
-                max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, memory=memory)
+    cpu_default_reps = device == "cpu" and args.reps is None
+    plan = Plan(device=device, dtype=args.dtype or default_dtype[device], cases=names, shapes=[], modes=modes,
+                impls=impls, reps=args.reps or (5 if device == "cpu" else 10), warmup=args.warmup, seed=args.seed,
+                max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, memory=memory, items=items,
+                rep_seconds=10.0 if cpu_default_reps else None, min_reps=3, defer_compiles=device == "cuda")
     out = os.path.abspath(args.out or _default_out())
     env = environment(device)
     sink = RowSink(out, env)
@@ -122,8 +151,10 @@ def _run(args, device, names, shapes, modes, impls, default_dtype, measure) -> i
     runner.progress = Progress(runner.count(), enabled=not args.no_progress)
     print(f"fusedpg bench on {env['device_name']} ({plan.dtype}; torch {env['torch_version']}, "
           f"triton {env['triton_version']}, commit {env['git_commit'][:12]})")
-    print(f"  cases {','.join(names)}; shapes {' '.join(s.label for s in shapes)}; modes {','.join(modes)}; "
-          f"{plan.reps} reps" + (f" after {plan.warmup} warm-up" if device == "cpu" else " (do_bench)")
+    shown = ", ".join(f"{c} {s.label}" for c, s in items)
+    print(f"  {shown}; modes {','.join(modes) if modes else 'per case'}; "
+          f"{plan.reps} reps" + (" (3 once 10 s are spent)" if plan.rep_seconds else "")
+          + (f" after {plan.warmup} warm-up" if device == "cpu" else " (do_bench)")
           + ("; CPU peak memory from a fresh subprocess per measurement (clear_refs not writable)"
              if memory == "subprocess" else ""), flush=True)
     try:
@@ -132,7 +163,7 @@ def _run(args, device, names, shapes, modes, impls, default_dtype, measure) -> i
         runner.progress.close()
         files = sink.finish()
     table = markdown_table(sink.rows)
-    targets = target_lines(sink.rows)
+    targets = target_lines(sink.rows) + ratio_lines(sink.rows)
     files["table"] = os.path.join(out, "table.md")
     with open(files["table"], "w") as f:
         f.write(f"# fusedpg bench\n\n{stamp_line(sink.rows)}\n\n{table}\n\n" + "\n".join(f"- {t}" for t in targets)

@@ -133,8 +133,10 @@ CASE = register_case(Case(
              note="3 GEMMs of the same shapes (logits, d_hidden, d_weight); no softmax"),
         Impl("cce", _cce, devices=("cuda",), requires=("cut_cross_entropy",), note="log-prob only"),
         Impl("liger", _liger, devices=("cuda",), requires=("liger_kernel",), grads_in_forward=True,
+             compiles=True,
              note="LigerFusedLinearGRPOLoss(beta=0): log-prob only, gradients in forward"),
         # Last: its first call per shape compiles, and a time budget should cut it before the others.
-        Impl("compile", _compile, devices=("cuda",), opt_in=("cpu",), note="torch.compile(eager)"),
+        Impl("compile", _compile, devices=("cuda",), opt_in=("cpu",), compiles=True,
+             note="torch.compile(eager)"),
     ),
 ))

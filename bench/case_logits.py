@@ -46,7 +46,7 @@ CASE = register_case(Case(
     impls=(
         Impl("ours", _make(lambda: fusedpg.logprob_entropy), role="ours"),
         Impl("eager", _make(lambda: _eager_fn), role="baseline", note="upcast, log_softmax, gather, entropy"),
-        Impl("compile", _make(lambda: compiled(_eager_fn)), devices=("cuda",), opt_in=("cpu",),
+        Impl("compile", _make(lambda: compiled(_eager_fn)), devices=("cuda",), opt_in=("cpu",), compiles=True,
              note="torch.compile(eager)"),
     ),
 ))

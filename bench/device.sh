@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # One prepared GPU session: check the GPU, install peers from local wheels, run the tests, `fusedpg verify` and
-# the benchmark suite, and leave every log and result in OUTDIR. Sized for under 8 minutes on one H100.
+# the benchmark suite (every case: linear, logits, pg, attention, model), and leave every log and result in OUTDIR.
+# Sized for under 8 minutes on one H100: the bench step stops starting measurements after FUSEDPG_BENCH_MINUTES
+# (--max-minutes); its order is rank-major (every case's first GPU shape, then every case's second, ...) with the
+# impls that compile (torch.compile, compiled Liger, FlexAttention) after all others, so a spent budget cuts extra
+# sweep points and compilations, never a whole case.
 #
 #   bash bench/device.sh OUTDIR [--wheels DIR] [--dry-run]
 #
 #   --wheels DIR  pip-install the pure-Python peers (liger-kernel, cut-cross-entropy) from DIR with --no-index
 #                 --no-deps: nothing is downloaded and torch/triton are left as they are.
-#   --dry-run     exercise the script on CPU (no GPU check, no test run, tiny benchmark shapes), for CI.
+#   --dry-run     exercise the script on CPU (no GPU check, no test run, the tiniest shape of every case), for CI.
 #
 # OUTDIR gets: device.log (all output), summary.txt (exit code of each step), nvidia-smi.txt, pip-freeze.txt,
 # verify.txt, pytest.txt, bench/ (results.json, results.csv, rows.jsonl, table.md, plots).
@@ -81,11 +85,14 @@ $PY -m pip freeze 2>/dev/null | grep -i -E 'torch|triton|fusedpg|liger|cut.cross
 log "pip freeze (subset): $(tr '\n' ' ' < "$OUT/pip-freeze.txt")"
 
 if [ "$DRY" = 1 ]; then
-  step verify "$OUT/verify.txt" timeout "$VERIFY_TIMEOUT" $PY -m fusedpg.cli verify --device cpu --dtype fp32
+  # One thread: tiny shapes on a loaded machine otherwise wait for time slices between threads.
+  step verify "$OUT/verify.txt" timeout "$VERIFY_TIMEOUT" env OMP_NUM_THREADS=1 $PY -m fusedpg.cli verify \
+    --device cpu --dtype fp32 --only primitives
   # The tests are what runs this script in dry-run mode: running them here would recurse.
   echo "dry run: tests not run" > "$OUT/pytest.txt"
-  step bench "$OUT/bench.txt" timeout 240 $PY -m fusedpg.cli bench --out "$OUT/bench" --device cpu --quick \
-    --shape 64x32x128 --reps 2 --no-progress
+  step bench "$OUT/bench.txt" timeout 240 env OMP_NUM_THREADS=1 $PY -m fusedpg.cli bench --out "$OUT/bench" \
+    --device cpu --quick --shape 16x8x32 --shape 4+2x2 --reps 1 --warmup 0 --max-minutes "$BENCH_MINUTES" \
+    --no-progress
 else
   step verify "$OUT/verify.txt" timeout "$VERIFY_TIMEOUT" $PY -m fusedpg.cli verify --device cuda
   step pytest "$OUT/pytest.txt" timeout "$TEST_TIMEOUT" $PY -m pytest -q -x tests

@@ -1,6 +1,7 @@
 """PNG plots of median time and peak memory against N, one figure per case and metric, one panel per mode.
 
-Each line is one impl at one (H, V); error bars span the 20/80 quantiles. Needs matplotlib (the ``bench`` extra);
+Each line is one impl at one ``series`` (everything but N: H and V, the loss type, the heads); error bars span the
+20/80 quantiles. Needs matplotlib (the ``bench`` extra);
 without it ``plot_rows`` says so and returns no paths.
 """
 from __future__ import annotations
@@ -33,11 +34,11 @@ def plot_rows(rows: Sequence[Dict], out_dir: str) -> List[str]:
                 series: Dict = {}
                 for r in case_rows:
                     if r["mode"] == mode:
-                        series.setdefault((r["impl"], r["h"], r["v"]), []).append(r)
-                for (impl, h, v), pts in sorted(series.items()):
+                        series.setdefault((r["impl"], r.get("series") or f"H={r['h']} V={r['v']}"), []).append(r)
+                for (impl, fixed), pts in sorted(series.items()):
                     pts = sorted(pts, key=lambda r: r["n"])
                     xs = [r["n"] for r in pts]
-                    name = f"{impl} H={h} V={v}"
+                    name = f"{impl} {fixed}"
                     if metric == "time":
                         ys = [r["median_ms"] for r in pts]
                         err = [[y - r["q20_ms"] for y, r in zip(ys, pts)], [r["q80_ms"] - y for y, r in zip(ys, pts)]]
@@ -49,7 +50,7 @@ def plot_rows(rows: Sequence[Dict], out_dir: str) -> List[str]:
                             ax.plot(*zip(*mem), marker="o", label=name)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
-                ax.set_xlabel("N (tokens)")
+                ax.set_xlabel("N (tokens; attention/model: tokens of the repeated batch)")
                 ax.set_ylabel(label)
                 ax.set_title(f"{case} {mode}")
                 ax.grid(True, which="both", alpha=0.3)

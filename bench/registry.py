@@ -1,9 +1,14 @@
 """The benchmark's vocabulary: shapes, modes, implementations and cases, and where each one runs.
 
 A *case* is one operation measured against its peers on the same inputs (``linear``: hidden states and LM-head
-weight in, log-prob and entropy out; ``logits``: materialised logits in). An *impl* is one way of computing it:
-ours, the eager reference, ``torch.compile`` of it, a named peer library, or a compute floor. Adding a case or a
-peer is adding one entry: see ``case_linear.py`` for the pattern, and list a new case module in ``CASE_MODULES``.
+weight in, log-prob and entropy out; ``logits``: materialised logits in; ``pg``: the policy-gradient loss from hidden
+states; ``attention``: shared-prefix attention; ``model``: one GRPO loss step of a transformers model). An *impl* is
+one way of computing it: ours, the eager reference, ``torch.compile`` of it, a named peer library, or a compute
+floor. Adding a case or a peer is adding one entry: see ``case_linear.py`` for the pattern, and list a new case
+module in ``CASE_MODULES``.
+
+A case declares its own shape type (anything with ``label``, ``n``, ``h``, ``v``, ``series`` and ``fields()``),
+how ``--shape`` text parses into it (``parse_shape``), its preset shapes per device and its default modes.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 #: Modules that register cases when imported (later work appends, e.g. "case_pg_loss", "case_prefix").
-CASE_MODULES = ("case_linear", "case_logits")
+CASE_MODULES = ("case_linear", "case_logits", "case_pg", "case_attention", "case_model")
 
 #: Mode name -> what one timed call does. ``fwd`` runs with autograd recording (outputs saved for a backward, then
 #: dropped); ``bwd`` is the backward alone, after an untimed forward; ``fwd+bwd`` is both; ``fwd-nograd``
@@ -42,6 +47,15 @@ class Shape:
     def label(self) -> str:
         return f"{self.n}x{self.h}x{self.v}"
 
+    @property
+    def series(self) -> str:
+        """What the plots keep fixed along one line (everything but N)."""
+        return f"H={self.h} V={self.v}"
+
+    def fields(self) -> Dict[str, object]:
+        """Columns this shape adds to a row (besides shape/n/h/v)."""
+        return {}
+
     @staticmethod
     def parse(text: str) -> "Shape":
         m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
@@ -55,10 +69,13 @@ JUDGED_CPU = Shape(4096, 1024, 32000)
 #: The GPU shapes of peers.md §3.2 (S1, S2, S3) and a memory-stress shape that materialised logits cannot hold.
 GPU_SHAPES = (Shape(8192, 4096, 151936), Shape(16384, 2048, 151936), Shape(8192, 4096, 128256),
               Shape(32768, 5120, 152064))
-# N sweeps for the time/memory-against-N plots; the judged or S1 shape is the largest point of each sweep.
+#: A small shape every NxHxV case also runs by default on CPU (seconds, not minutes).
+SMALL_CPU = Shape(1024, 256, 8192)
+# Per (device, quick): the shapes of the ``linear`` case, the judged or S1 shape first (a time budget cuts the
+# later ones). The default CPU run is the judged shape and one small shape; --quick a short N sweep at small H, V.
 SHAPE_PRESETS: Dict[Tuple[str, bool], Tuple[Shape, ...]] = {
-    ("cpu", False): (Shape(1024, 1024, 32000), Shape(2048, 1024, 32000), JUDGED_CPU),
-    ("cpu", True): (Shape(256, 256, 8192), Shape(512, 256, 8192), Shape(1024, 256, 8192)),
+    ("cpu", False): (JUDGED_CPU, SMALL_CPU),
+    ("cpu", True): (SMALL_CPU, Shape(256, 256, 8192)),
     ("cuda", False): (GPU_SHAPES[0], GPU_SHAPES[2], GPU_SHAPES[1], Shape(2048, 4096, 151936),
                       Shape(4096, 4096, 151936), GPU_SHAPES[3]),
     ("cuda", True): (Shape(1024, 1024, 32000), Shape(2048, 1024, 32000), Shape(4096, 1024, 32000)),
@@ -77,6 +94,14 @@ class Inputs:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.leaves[name] if name in self.leaves else self.extra[name]
+
+
+def _default_parse(text: str):
+    return [Shape.parse(text)]
+
+
+def _default_adapt(shape) -> list:
+    return [shape] if isinstance(shape, Shape) else []
 
 
 #: ``prepare(inputs, shape) -> fn``; ``fn()`` runs the forward and returns (outputs, grads for those outputs).
@@ -103,18 +128,36 @@ class Impl:
     requires: Tuple[str, ...] = ()
     grads_in_forward: bool = False
     note: str = ""
+    #: The first call per shape compiles (torch.compile, FlexAttention, compiled Liger): on CUDA such impls run
+    #: after every other impl of the run, so a time budget cuts compilations, not the core comparison.
+    compiles: bool = False
+    #: ``applies(shape, device) -> reason or None``: a reason makes a "skipped" row ("not applicable: ...").
+    applies: Optional[Callable[[object, str], Optional[str]]] = None
 
 
 @dataclass(frozen=True)
 class Case:
     """An operation and its impls. ``make_inputs(shape, dtype, device, seed) -> Inputs``; ``flops(shape, mode)``
-    gives the useful FLOPs of one call (None where FLOPs are not the measure, e.g. logits-input kernels)."""
+    gives the useful FLOPs of one call (None where FLOPs are not the measure, e.g. logits-input kernels).
+
+    parse_shape(text) -> [shapes]: ``--shape`` text in this case's form (ValueError: not its form). adapt(shape) ->
+    [shapes]: the case's shapes for a shape object given programmatically ([]: not for this case). presets:
+    (device, quick) -> default shapes, most important first. modes: default modes of this case."""
 
     name: str
     description: str
     make_inputs: Callable[[Shape, torch.dtype, torch.device, int], Inputs]
     impls: Tuple[Impl, ...]
     flops: Callable[[Shape, str], Optional[float]] = lambda shape, mode: None
+    parse_shape: Callable[[str], list] = _default_parse
+    adapt: Callable[[object], list] = _default_adapt
+    presets: Optional[Dict[Tuple[str, bool], tuple]] = None
+    modes: Tuple[str, ...] = DEFAULT_MODES
+    #: Shape-form hint for --help / errors.
+    shape_form: str = "NxHxV"
+
+    def preset(self, device: str, quick: bool) -> tuple:
+        return tuple((self.presets or SHAPE_PRESETS).get((device, quick), ()))
 
     def impl(self, name: str) -> Impl:
         for impl in self.impls:
@@ -140,11 +183,15 @@ def cases() -> Dict[str, Case]:
     return dict(_CASES)
 
 
-def availability(impl: Impl, device: str, requested: Optional[Sequence[str]]) -> Tuple[str, str]:
+def availability(impl: Impl, device: str, requested: Optional[Sequence[str]], shape=None) -> Tuple[str, str]:
     """(status, detail): status is "run", "skipped" or "missing". Missing peers are reported, never dropped."""
     named = requested is not None and impl.name in requested
     if requested is not None and not named:
         return "filtered", "not selected by --impl"
+    if shape is not None and impl.applies is not None:
+        reason = impl.applies(shape, device)
+        if reason:
+            return "skipped", f"not applicable: {reason}"
     if device in impl.opt_in and not named:
         return "skipped", f"opt-in on {device}: add --impl {impl.name}"
     if device not in impl.devices and device not in impl.opt_in:
@@ -157,3 +204,30 @@ def availability(impl: Impl, device: str, requested: Optional[Sequence[str]]) ->
 
 def all_impl_names() -> List[str]:
     return sorted({impl.name for case in cases().values() for impl in case.impls})
+
+
+def default_items(names: Sequence[str], device: str, quick: bool) -> List[Tuple[str, object]]:
+    """(case, shape) of a default run, rank-major: every case's first preset shape (the judged ones), then every
+    case's second, ... so that a time budget cuts extra sweep points, never a whole case."""
+    registry = cases()
+    presets = [(name, registry[name].preset(device, quick)) for name in names]
+    depth = max((len(p) for _, p in presets), default=0)
+    return [(name, p[i]) for i in range(depth) for name, p in presets if i < len(p)]
+
+
+def items_from_text(names: Sequence[str], texts: Sequence[str]) -> Tuple[List[Tuple[str, object]], List[str]]:
+    """(case, shape) for ``--shape`` texts, shape-major; and the texts no selected case understood."""
+    registry = cases()
+    items, unknown = [], []
+    for text in texts:
+        hit = False
+        for name in names:
+            try:
+                shapes = registry[name].parse_shape(text)
+            except ValueError:
+                continue
+            hit = True
+            items.extend((name, s) for s in shapes)
+        if not hit:
+            unknown.append(text)
+    return items, unknown

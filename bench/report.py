@@ -142,7 +142,7 @@ def markdown_table(rows: Sequence[Dict]) -> str:
     """One line per measured row, grouped by (case, shape, dtype, mode); the last two columns divide ours by that
     impl (below 1: ours is faster / smaller). Rows that could not run here for a fixed reason (missing, skipped)
     become one note per case and impl under the table; out-of-memory, errors and time-budget skips stay in place."""
-    head = ("| case | shape N×H×V | dtype | mode | impl | median ms | q20–q80 ms | peak MiB above inputs | TFLOP/s "
+    head = ("| case | shape | dtype | mode | impl | median ms | q20–q80 ms | peak MiB above inputs | TFLOP/s "
             "| ours ÷ impl time | ours ÷ impl memory |")
     lines = [head, "|" + "---|" * 5 + "---:|" * 6]
     groups: Dict = {}
@@ -195,6 +195,8 @@ class Target:
 TARGETS = (
     Target("cpu", "linear", "4096x1024x32000", "fp32", "fwd+bwd", "time_ratio", 1.2, "foundation issue"),
     Target("cpu", "linear", "4096x1024x32000", "fp32", "fwd+bwd", "mem_ratio", 1 / 3, "foundation issue"),
+    Target("cpu", "pg", "4096x1024x32000:dapo", "fp32", "fwd+bwd", "time_ratio", 1.2, "PG-loss issue"),
+    Target("cpu", "pg", "4096x1024x32000:dapo", "fp32", "fwd+bwd", "mem_ratio", 1 / 3, "PG-loss issue"),
     # peers.md §3.5, recompute design, bf16, H100/H200.
     *(Target("cuda", "linear", s, "bf16", "fwd+bwd", "ms", b, "peers.md §3.5")
       for s, b in (("8192x4096x151936", 60), ("16384x2048x151936", 64), ("8192x4096x128256", 50))),
@@ -223,6 +225,38 @@ def target_lines(rows: Sequence[Dict]) -> List[str]:
         verdict = "not measured" if value is None else ("MET" if value <= t.bound else "MISSED")
         lines.append(f"target {t.case} {t.shape} {t.dtype} {t.mode}: {_METRIC_TEXT[t.metric]} = {_fmt(value, '.3f')} "
                      f"(target <= {t.bound:.3g}, {t.source}): {verdict}")
+    return lines
+
+
+#: Cases whose every measured group gets a ratio line (ours against the baseline, plus the shape's analytic bound).
+RATIO_CASES = ("pg", "attention", "model")
+
+
+def ratio_lines(rows: Sequence[Dict]) -> List[str]:
+    """One line per (case, shape, dtype, mode) of RATIO_CASES where ours and the baseline were measured: ours ÷
+    baseline time and memory, the speedup, and the analytic figure the shape carries (``analytic`` field: the ideal
+    FLOP ratio of grouped attention, the prompt FLOPs a grouped model step saves)."""
+    groups: Dict = {}
+    for r in rows:
+        if r["case"] in RATIO_CASES:
+            groups.setdefault((r.get("device_type", "?"),) + _key(r), []).append(r)
+    lines = []
+    for (_, case, shape, dtype, mode), group in groups.items():
+        ours = next((r for r in group if r["impl"] == "ours"), None)
+        base = next((r for r in group if r.get("role") == "baseline"), None)
+        if ours is None or base is None:
+            continue
+        analytic = ours.get("analytic") or base.get("analytic") or ""
+        if ours["status"] != "ok" or base["status"] != "ok":
+            why = ours if ours["status"] != "ok" else base
+            lines.append(f"ratio {case} {shape} {dtype} {mode}: not measured ({why['impl']}: {why['status']})"
+                         + (f"; {analytic}" if analytic else ""))
+            continue
+        t = ratio(ours["median_ms"], base["median_ms"])
+        m = ratio(ours.get("peak_mem_bytes"), base.get("peak_mem_bytes"))
+        speed = f" (speedup {1 / t:.2f}x)" if t else ""
+        lines.append(f"ratio {case} {shape} {dtype} {mode}: ours/{base['impl']} time = {_fmt(t, '.3f')}{speed}, "
+                     f"peak memory = {_fmt(m, '.3f')}" + (f"; {analytic}" if analytic else ""))
     return lines
 
 

@@ -1,7 +1,8 @@
 """The measurement loop: for each case, shape and mode, build the inputs once and measure every impl on them.
 
 On CPU the impls of a group are interleaved call by call (warm-up rounds first), so a slow drift of the shared
-machine (other processes, thermal state) falls on all of them alike. On CUDA each impl is measured in turn.
+machine (other processes, thermal state) falls on all of them alike. On CUDA each impl is measured in turn, and
+impls that compile on their first call run after all the others (``Plan.defer_compiles``).
 Every selected impl yields a row: measured, or with a status saying why not (missing, skipped, oom, error).
 """
 from __future__ import annotations
@@ -24,14 +25,22 @@ class Plan:
     device: str
     dtype: str
     cases: Sequence[str]
-    shapes: Sequence[Shape]
-    modes: Sequence[str]
+    shapes: Sequence[Shape]  # offered to every case (its ``adapt`` keeps what it understands); unused with items
+    modes: Optional[Sequence[str]]  # None: each case's default modes
     impls: Optional[Sequence[str]]  # None: every impl that runs on this device by default
     reps: int
     warmup: int
     seed: int = 0
     max_seconds: Optional[float] = None
     memory: str = "clear_refs"  # CPU only: "clear_refs" or "subprocess"
+    items: Optional[Sequence[Tuple[str, object]]] = None  # explicit (case, shape) work list, in order
+    #: CPU: after the warm-up, stop adding reps to a measurement once its timed calls took this long (at least
+    #: ``min_reps`` reps). Keeps big shapes to a few reps and small shapes at ``reps``.
+    rep_seconds: Optional[float] = None
+    min_reps: int = 2
+    #: Run impls marked ``compiles`` after all others (the CUDA default: compilation is slow and a budget should
+    #: cut it first). On CPU impls of a group are interleaved, so this stays off there.
+    defer_compiles: bool = False
 
 
 def mode_call(mode: str, fn: Callable) -> Tuple[Optional[Callable[[], None]], Callable[[], None]]:
@@ -83,14 +92,18 @@ def _cleanup(device: str) -> None:
 
 
 def _row(case: Case, shape: Shape, plan: Plan, mode: str, impl: Impl, status: str, detail: str = "",
-         times: Optional[List[float]] = None, peak: Optional[int] = None, mem_method: str = "") -> Dict:
+         times: Optional[List[float]] = None, peak: Optional[int] = None, mem_method: str = "",
+         reps: Optional[int] = None) -> Dict:
     flops = case.flops(shape, mode)
     med = times[0] if times else None
     return {
-        "case": case.name, "shape": shape.label, "n": shape.n, "h": shape.h, "v": shape.v, "dtype": plan.dtype,
+        "case": case.name, "shape": shape.label, "n": shape.n, "h": shape.h, "v": shape.v,
+        "series": getattr(shape, "series", ""), **(shape.fields() if hasattr(shape, "fields") else {}),
+        "dtype": plan.dtype,
         "mode": mode, "impl": impl.name, "role": impl.role, "status": status, "detail": detail or impl.note,
         "median_ms": med, "q20_ms": times[1] if times else None, "q80_ms": times[2] if times else None,
-        "peak_mem_bytes": peak, "mem_method": mem_method if status == "ok" else "", "reps": plan.reps,
+        "peak_mem_bytes": peak, "mem_method": mem_method if status == "ok" else "",
+        "reps": reps if reps is not None else plan.reps,
         "tflops": (flops / med / 1e9) if (flops and med) else None,
     }
 
@@ -104,18 +117,24 @@ class Runner:
         self.rows: List[Dict] = []
         self.registry = cases()
 
-    def groups(self):
-        # Shape-major: the first shapes of a preset are the ones with stated targets, so a time budget that runs
-        # out cuts the extra sweep points, not a whole case.
-        for shape in self.plan.shapes:
-            for name in self.plan.cases:
-                for mode in self.plan.modes:
-                    yield self.registry[name], shape, mode
+    def work(self) -> List[Tuple[str, object]]:
+        """(case, shape) in run order. Shape-major: the first shapes of a preset are the ones with stated targets,
+        so a time budget that runs out cuts the extra sweep points, not a whole case."""
+        if self.plan.items is not None:
+            return list(self.plan.items)
+        return [(name, s) for shape in self.plan.shapes for name in self.plan.cases
+                for s in self.registry[name].adapt(shape)]
 
-    def selected(self, case: Case, mode: str) -> List[Tuple[Impl, str, str]]:
+    def groups(self):
+        for name, shape in self.work():
+            case = self.registry[name]
+            for mode in (self.plan.modes or case.modes):
+                yield case, shape, mode
+
+    def selected(self, case: Case, mode: str, shape=None) -> List[Tuple[Impl, str, str]]:
         out = []
         for impl in case.impls:
-            status, detail = availability(impl, self.plan.device, self.plan.impls)
+            status, detail = availability(impl, self.plan.device, self.plan.impls, shape)
             if status == "filtered":
                 continue
             if status == "run" and mode == "bwd" and impl.grads_in_forward:
@@ -124,7 +143,7 @@ class Runner:
         return out
 
     def count(self) -> int:
-        return sum(sum(s == "run" for _, s, _ in self.selected(c, m)) for c, _, m in self.groups())
+        return sum(sum(s == "run" for _, s, _ in self.selected(c, m, sh)) for c, sh, m in self.groups())
 
     def emit(self, row: Dict) -> None:
         self.rows.append(row)
@@ -134,21 +153,32 @@ class Runner:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def run(self) -> List[Dict]:
+        deferred = []
         for case, shape, mode in self.groups():
-            chosen = self.selected(case, mode)
+            chosen = self.selected(case, mode, shape)
             runnable = [impl for impl, status, _ in chosen if status == "run"]
             for impl, status, detail in chosen:
                 if status != "run":
                     self.emit(_row(case, shape, self.plan, mode, impl, status, detail))
-            if not runnable:
-                continue
-            if self.out_of_time():
-                for impl in runnable:
-                    self.emit(_row(case, shape, self.plan, mode, impl, "skipped", "time budget (--max-minutes) spent"))
-                    self._tick(None)
-                continue
-            self._group(case, shape, mode, runnable)
+            if self.plan.defer_compiles:
+                later = [impl for impl in runnable if impl.compiles]
+                runnable = [impl for impl in runnable if not impl.compiles]
+                if later:
+                    deferred.append((case, shape, mode, later))
+            self._run_group(case, shape, mode, runnable)
+        for case, shape, mode, impls in deferred:
+            self._run_group(case, shape, mode, impls)
         return self.rows
+
+    def _run_group(self, case: Case, shape, mode: str, runnable: List[Impl]) -> None:
+        if not runnable:
+            return
+        if self.out_of_time():
+            for impl in runnable:
+                self.emit(_row(case, shape, self.plan, mode, impl, "skipped", "time budget (--max-minutes) spent"))
+                self._tick(None)
+            return
+        self._group(case, shape, mode, runnable)
 
     def _tick(self, label: Optional[str], result: str = "") -> None:
         if self.progress is not None:
@@ -185,7 +215,7 @@ class Runner:
         for impl in impls:
             r = results[impl.name]
             self.emit(_row(case, shape, plan, mode, impl, r["status"], r.get("detail", ""), r.get("times"),
-                           r.get("peak"), r.get("mem_method", "")))
+                           r.get("peak"), r.get("mem_method", ""), r.get("reps")))
 
     def _cuda_one(self, case, shape, mode, impl, inputs, leaves, reset) -> Dict:
         if self.out_of_time():
@@ -227,12 +257,22 @@ class Runner:
                 calls[impl.name] = mode_call(mode, impl.prepare(inputs, shape))
             except Exception as err:
                 res[impl.name].update(zip(("status", "detail"), _failure(err)))
+
+        def enough(i):  # a big shape stops at min_reps once a round of timed calls has spent rep_seconds
+            if plan.rep_seconds is None or i - plan.warmup + 1 < max(1, plan.min_reps):
+                return False
+            spent = max((sum(r["ms"]) for r in res.values() if r["status"] == "ok"), default=0.0)
+            return spent / 1e3 >= plan.rep_seconds
+
         for i in range(rounds):
             for impl in impls:
                 if res[impl.name]["status"] == "ok":
                     sample(impl, i)
-                if i == rounds - 1:
-                    self._tick(f"{label} {impl.name}", _short(res[impl.name]))
+            if i == rounds - 1 or (i >= plan.warmup and enough(i)):
+                break
+        for impl in impls:
+            self._tick(f"{label} {impl.name}", _short(res[impl.name]))
+            res[impl.name]["reps"] = len(res[impl.name]["ms"])
         calls.clear()
         for impl in impls:
             r = res[impl.name]
@@ -268,7 +308,7 @@ def child_main(spec_json: str) -> int:
     """Entry of the memory subprocess: one call of one impl in a fresh process; prints {"peak_mem_bytes": ...}."""
     spec = json.loads(spec_json)
     case = cases()[spec["case"]]
-    shape = Shape.parse(spec["shape"])
+    shape = next(s for s in case.parse_shape(spec["shape"]) if s.label == spec["shape"])
     inputs = case.make_inputs(shape, DTYPES[spec["dtype"]], torch.device("cpu"), spec["seed"])
     leaves = list(inputs.leaves.values())
 

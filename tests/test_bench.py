@@ -1,7 +1,9 @@
 """The benchmark suite: measurement helpers, the case registry, writers, the CLI and bench/device.sh --dry-run.
 
 Everything runs on CPU at tiny shapes; the timing numbers themselves are not checked, only that they exist and
-that the memory probe sees an allocation of known size.
+that the memory probe sees an allocation of known size. One torch thread for the whole module: on a loaded
+2-core machine every tiny multi-threaded op waits for a time slice (milliseconds each), which made this file take
+minutes inside the full suite.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from fusedpg.bench import main, measure, report
 from fusedpg.bench.registry import (DEFAULT_DTYPE, DEFAULT_MODES, JUDGED_CPU, SHAPE_PRESETS, Case, Impl, Inputs,
-                                    Shape, availability)
+                                    Shape, availability, cases, default_items, items_from_text)
 from fusedpg.bench.runner import Plan, Runner, mode_call
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +28,16 @@ REQUIRED = ("case", "shape", "dtype", "mode", "impl", "status", "median_ms", "q2
             "device_name", "torch_version", "triton_version", "git_commit", "utc_time")
 MIB = 1 << 20
 linux_proc = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+#: Common arguments of the end-to-end run: tiny shapes of every case, one call per measurement.
+TINY = ("--device", "cpu", "--shape", "32x16x64", "--shape", "8+2x2", "--reps", "1", "--warmup", "0", "--no-progress")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_quantiles_interpolate_like_numpy():
@@ -41,6 +54,37 @@ def test_shape_parse_and_presets():
     # The judged CPU shape is in the default CPU run, at fp32, with fwd+bwd.
     assert JUDGED_CPU in SHAPE_PRESETS[("cpu", False)]
     assert DEFAULT_DTYPE["cpu"] == "fp32" and "fwd+bwd" in DEFAULT_MODES
+
+
+def test_case_shapes_parse_and_default_run_order():
+    reg = cases()
+    assert [s.label for s in reg["pg"].parse_shape("64x32x128")] == [f"64x32x128:{t}" for t in
+                                                                       ("dapo", "grpo", "clip_cov")]
+    assert [s.label for s in reg["pg"].parse_shape("64x32x128:grpo")] == ["64x32x128:grpo"]
+    with pytest.raises(ValueError):
+        reg["pg"].parse_shape("64x32x128:nope")
+    att = reg["attention"].parse_shape("2048+256x16:32/8x128")[0]
+    assert (att.prompt, att.completion, att.g, att.hq, att.hkv, att.d) == (2048, 256, 16, 32, 8, 128)
+    assert att.ideal_ratio == pytest.approx(16 * (2048 * 2049 / 2 + 2048 * 256 + 256 * 257 / 2)
+                                            / (2048 * 2049 / 2 + 16 * (2048 * 256 + 256 * 257 / 2)))
+    model = reg["model"].parse_shape("qwen2-0.5b:2048+256x16")[0]
+    assert model.fields()["prompt_flops_saved"] == pytest.approx(15 / 16) and model.fields()["ideal_flop_ratio"] > 2
+    for name, case in reg.items():  # every label parses back to itself (the memory subprocess relies on it)
+        for quick in (False, True):
+            for shape in case.preset("cpu", quick) + case.preset("cuda", quick):
+                assert [s.label for s in case.parse_shape(shape.label)] == [shape.label], (name, shape)
+    # --shape text goes to every case of its form; text no selected case understands is reported.
+    items, unknown = items_from_text(["linear", "attention", "model"], ["32x16x64", "8+2x2", "9:9"])
+    assert [(c, s.label) for c, s in items] == [("linear", "32x16x64"), ("attention", "8+2x2:4/2x64"),
+                                                ("model", "tiny-qwen2:8+2x2")]
+    assert unknown == ["9:9"]
+    # The default CPU run: the two judged shapes first, then small shapes of every case.
+    default = [(c, s.label) for c, s in default_items(list(reg), "cpu", False)]
+    assert default[:3] == [("linear", "4096x1024x32000"), ("logits", "4096x1024x32000"), ("pg", "4096x1024x32000:dapo")]
+    assert {c for c, _ in default} == set(reg)
+    assert sum(label.startswith("4096x1024x32000") for _, label in default) == 3  # nothing else that big
+    quick = default_items(list(reg), "cpu", True)
+    assert {c for c, _ in quick} == set(reg) and all(s.n <= 1024 * 2 for _, s in quick)
 
 
 def test_availability_reports_missing_and_opt_in():
@@ -120,6 +164,12 @@ def test_markdown_table_ratios_notes_and_targets():
     assert any(line.startswith("- not measured: linear / cce") and "cuda only" in line for line in lines)
     targets = report.target_lines(rows)
     assert len(targets) == 2
+    pg = [dict(r, case="pg", shape="4096x1024x32000:dapo") for r in rows[:2]]
+    pg_targets = report.target_lines(pg)
+    assert len(pg_targets) == 2 and all(t.startswith("target pg 4096x1024x32000:dapo fp32 fwd+bwd") for t in pg_targets)
+    assert report.ratio_lines(pg) == []  # no baseline role in these rows
+    pg[1]["role"] = "baseline"
+    assert report.ratio_lines(pg)[0].startswith("ratio pg 4096x1024x32000:dapo fp32 fwd+bwd: ours/eager time = 1.100")
     assert "time ours/eager = 1.100" in targets[0] and targets[0].endswith("MET")
     assert "peak memory ours/eager = 0.250" in targets[1] and targets[1].endswith("MET")
     worse = report.target_lines([_row("ours", 130.0, 200 * MIB), _row("eager", 100.0, 400 * MIB)])
@@ -143,32 +193,66 @@ def test_git_commit_is_a_sha_or_unknown(tmp_path):
     assert here == "unknown" or len(here.split("+")[0]) == 40
 
 
-def _run_main(tmp_path, *extra):
+def _run_main(tmp_path, *extra, shapes=("--shape", "32x16x64")):
     out = tmp_path / "out"
-    rc = main(["--device", "cpu", "--shape", "32x16x64", "--reps", "2", "--out", str(out), "--no-progress", *extra])
+    rc = main(["--device", "cpu", *shapes, "--reps", "2", "--warmup", "0", "--out", str(out), "--no-progress",
+               *extra])
     rows = json.load(open(out / "results.json")) if (out / "results.json").exists() else []
     return rc, rows, out
 
 
 def test_main_end_to_end_rows_table_and_plots(tmp_path, capsys):
-    rc, rows, out = _run_main(tmp_path)
+    """Every case at a tiny shape: rows, the table, the target and ratio lines, plots."""
+    out = tmp_path / "out"
+    rc = main([*TINY, "--out", str(out)])
+    rows = json.load(open(out / "results.json"))
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| case |" in printed and "plots:" in printed
     ok = [r for r in rows if r["status"] == "ok"]
-    assert {(r["case"], r["impl"]) for r in ok} == {("linear", "ours"), ("linear", "eager"), ("logits", "ours"),
-                                                    ("logits", "eager")}
-    assert {r["mode"] for r in ok} == set(DEFAULT_MODES)
+    assert {(r["case"], r["impl"]) for r in ok} == {
+        ("linear", "ours"), ("linear", "eager"), ("logits", "ours"), ("logits", "eager"), ("pg", "ours"),
+        ("pg", "eager"), ("attention", "ours"), ("attention", "sdpa"), ("model", "ours"), ("model", "eager"),
+        ("model", "fused-loss")}
+    assert {r["mode"] for r in ok if r["case"] == "linear"} == set(DEFAULT_MODES)
+    assert {r["mode"] for r in ok if r["case"] in ("pg", "model")} == {"fwd+bwd"}
+    assert {r["loss_type"] for r in ok if r["case"] == "pg"} == {"dapo", "grpo", "clip_cov"}
     for r in rows:
         assert all(k in r for k in REQUIRED), r
     assert all(r["median_ms"] > 0 and r["q20_ms"] <= r["median_ms"] <= r["q80_ms"] for r in ok)
     assert all(r["peak_mem_bytes"] is not None for r in ok)
     # Peers that cannot run on CPU are rows with a reason, never dropped.
-    assert {r["impl"] for r in rows if r["status"] in ("skipped", "missing")} >= {"cce", "liger", "compile"}
+    skipped = {(r["case"], r["impl"]) for r in rows if r["status"] in ("skipped", "missing")}
+    assert skipped >= {("linear", "cce"), ("linear", "liger"), ("linear", "compile"), ("pg", "liger"),
+                       ("pg", "compile"), ("pg", "floor"), ("attention", "flex")}
+    assert "- not measured: attention / flex" in printed and "- not measured: pg / liger" in printed
+    # Ratio lines: pg per loss type; attention and model with their analytic figure.
+    for text in ("ratio pg 32x16x64:dapo fp32 fwd+bwd: ours/eager time = ",
+                 "ratio attention 8+2x2:4/2x64 fp32 fwd+bwd: ours/sdpa time = ", "ideal FLOP ratio repeated/grouped",
+                 "ratio model tiny-qwen2:8+2x2 fp32 fwd+bwd: ours/eager time = ", "prompt FLOPs saved = (G-1)/G"):
+        assert text in printed, text
     assert (out / "table.md").exists() and (out / "results.csv").exists()
+    assert "ratio attention" in (out / "table.md").read_text()
     if importlib.util.find_spec("matplotlib") is None:
         return
-    assert (out / "linear_time.png").exists() and (out / "logits_memory.png").exists()
+    for name in ("linear_time", "logits_memory", "pg_time", "attention_time", "model_memory"):
+        assert (out / f"{name}.png").exists(), name
+
+
+def test_pg_peers_opt_in_not_applicable_and_missing(tmp_path, monkeypatch):
+    """Liger runs on CPU when named (compiled=False), is "not applicable" to clip_cov, and "missing" without it."""
+    shapes = ("--shape", "32x16x64:grpo", "--shape", "32x16x64:clip_cov")
+    if importlib.util.find_spec("liger_kernel") is not None:
+        rc, rows, _ = _run_main(tmp_path, "--case", "pg", "--impl", "ours,liger", "--no-plots", shapes=shapes)
+        status = {(r["loss_type"], r["impl"]): (r["status"], r["detail"]) for r in rows}
+        assert rc == 0 and status[("grpo", "liger")][0] == "ok"
+        assert status[("clip_cov", "liger")][0] == "skipped" and "not applicable" in status[("clip_cov", "liger")][1]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    rc, rows, _ = _run_main(tmp_path, "--case", "pg", "--impl", "ours,liger", "--no-plots",
+                            shapes=("--shape", "32x16x64:dapo"))
+    assert rc == 0 and {(r["impl"], r["status"]) for r in rows} == {("ours", "ok"), ("liger", "missing")}
 
 
 def test_main_filters_list_and_bad_arguments(tmp_path, capsys):
@@ -179,6 +263,34 @@ def test_main_filters_list_and_bad_arguments(tmp_path, capsys):
     assert "case linear" in capsys.readouterr().out
     assert main(["--device", "cpu", "--impl", "nope"]) == 2
     assert main(["--device", "cpu", "--shape", "12x3"]) == 2
+    assert main(["--device", "cpu", "--case", "linear", "--shape", "8+2x2"]) == 2  # no selected case has that form
+
+
+def test_reps_stop_early_and_compiling_impls_run_last():
+    from fusedpg.bench import registry
+
+    def slow(inp, shape):
+        x = inp["x"]
+
+        def fn():
+            time.sleep(0.005)
+            return (x * 2,), (torch.ones_like(x),)
+        return fn
+
+    case = Case("toy2", "toy", lambda s, d, dev, seed: Inputs(leaves={"x": torch.ones(s.n, requires_grad=True)}),
+                impls=(Impl("late", slow, compiles=True), Impl("ours", slow, role="ours")))
+    registry._CASES["toy2"] = case
+    try:
+        rows = []
+        plan = Plan(device="cpu", dtype="fp32", cases=["toy2"], shapes=[Shape(8, 1, 1), Shape(16, 1, 1)],
+                    modes=["fwd+bwd"], impls=None, reps=10, warmup=0, rep_seconds=0.001, min_reps=2,
+                    defer_compiles=True)
+        Runner(plan, rows.append).run()
+    finally:
+        del registry._CASES["toy2"]
+    assert [(r["shape"], r["impl"]) for r in rows] == [("8x1x1", "ours"), ("16x1x1", "ours"), ("8x1x1", "late"),
+                                                       ("16x1x1", "late")]
+    assert all(r["status"] == "ok" and r["reps"] == 2 for r in rows)
 
 
 def test_errors_become_rows_and_other_impls_go_on(tmp_path, monkeypatch):
@@ -206,7 +318,7 @@ def test_errors_become_rows_and_other_impls_go_on(tmp_path, monkeypatch):
 @linux_proc
 def test_subprocess_memory_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEDPG_BENCH_MEMORY", "subprocess")
-    rc, rows, _ = _run_main(tmp_path, "--case", "logits", "--mode", "fwd+bwd", "--no-plots")
+    rc, rows, _ = _run_main(tmp_path, "--case", "logits", "--mode", "fwd+bwd", "--no-plots", "--reps", "1")
     ok = [r for r in rows if r["status"] == "ok"]
     assert rc == 0 and len(ok) == 2
     assert all(r["mem_method"] == "VmHWM in a fresh process" and r["peak_mem_bytes"] is not None for r in ok)
@@ -239,7 +351,8 @@ def test_render_states_device_and_commit(tmp_path, capsys):
     report.write_json(str(path), [_row("ours", 110.0, 100 * MIB), _row("eager", 100.0, 400 * MIB)])
     assert render_main([str(path), "--mode", "fwd+bwd"]) == 0
     text = capsys.readouterr().out
-    assert "### test cpu, fusedpg commit `abc123`" in text and "| eager |" in text and "target" in text
+    assert "### CPU: test cpu, fusedpg commit `abc123`" in text and "| eager |" in text and "target" in text
+    assert "CPU results" in text
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or not os.path.exists("/proc/self/status"), reason="bash, Linux")

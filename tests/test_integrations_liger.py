@@ -127,3 +127,20 @@ def test_errors_like_liger():
         ours_mod.LigerFusedLinearGRPOLoss(loss_type="dr_grpo")
     with pytest.raises(ValueError, match="sapo_temperature_pos"):
         ours_mod.LigerFusedLinearGRPOLoss(sapo_temperature_pos=0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "sapo"])
+def test_triton_impl(loss_type):
+    """The adapter on the Triton plan (the CPU interpreter here, the real kernels on CUDA)."""
+    d = _batch(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    d = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in d.items() if k != "g"}
+    d["g"] = None
+    call = dict(ref_per_token_logps=d["ref"], old_per_token_logps=d["old"])
+    ref = _run(liger.LigerFusedLinearGRPOLoss, dict(compiled=False, loss_type=loss_type), d, call)
+    got = _run(ours_mod.LigerFusedLinearGRPOLoss, dict(compiled=False, loss_type=loss_type, impl="triton"), d, call)
+    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1].float(), ref[1].float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(got[4], ref[4]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)

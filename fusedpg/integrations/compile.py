@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -259,7 +259,15 @@ def logprob_entropy_op(logits, targets, *, temperature=1.0, ignore_index=-100, c
 # ---------------------------------------------------------------------------------------------------------------
 # fused_linear_pg_loss
 
-_CONFIGS: Dict[str, object] = {}
+_AUTOGRAD_KEYS = [getattr(torch._C.DispatchKey, n) for n in dir(torch._C.DispatchKey) if n.startswith("Autograd")]
+
+
+def _autograd_enabled():
+    """A guard that lifts the exclusion of the autograd dispatch keys a custom op's implementation runs under."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 #: Optional tensor inputs of fused_linear_pg_loss, in the op's argument order.
 _OPTIONAL = ("old_logp", "ref_logp", "bias", "seq_ids", "rollout_logp", "is_weights", "old_entropy", "group_ids",
@@ -304,7 +312,9 @@ def _fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     floats = (advantages, old_logp, ref_logp, rollout_logp, is_weights, old_entropy, token_weights)
     dtype = _loss_dtype(hidden, floats)
     needs = (need_h, need_w, need_b and bias is not None)
-    with torch.enable_grad():
+    # A custom op's implementation runs below the autograd dispatch keys; the loss layer differentiates small [n]
+    # tensors with autograd, so restore the ordinary dispatch state for the duration of the call.
+    with _autograd_enabled(), torch.enable_grad():
         h = hidden.detach().requires_grad_(needs[0])
         w = weight.detach().requires_grad_(needs[1])
         b = None if bias is None else bias.detach().requires_grad_(needs[2])
@@ -316,7 +326,6 @@ def _fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
             step_ids=step_ids, token_weights=token_weights, truncated=truncated)
         wrt = [x for x, need in zip((h, w, b), needs) if need]
         grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if wrt and loss.requires_grad else []
-    empty = hidden.new_empty(0)
     out_grads = []
     for x, need in zip((h, w, b), needs):
         if not need:
@@ -387,7 +396,8 @@ def fused_linear_pg_loss_op(hidden, weight, targets, advantages, mask, *, config
         old_entropy, group_ids, step_ids, token_weights, truncated, temp_t, temp_s, config_json, impl or "",
         int(chunk_bytes or 0), plan or "", need_h, need_w, need_b, bool(return_token_stats))
     loss, vec = out[0], out[1]
+    vec = vec.detach()
     metrics = {k: vec[i] for i, k in enumerate(METRIC_KEYS)}
     if return_token_stats:
-        metrics["logp"], metrics["entropy"] = out[5], out[6]
+        metrics["logp"], metrics["entropy"] = out[5].detach(), out[6].detach()
     return loss, metrics

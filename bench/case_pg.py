@@ -1,0 +1,225 @@
+"""Case ``pg``: the policy-gradient loss from hidden states, forward and backward (gradients to hidden and weight).
+
+Shapes are ``NxHxV:loss_type`` with N = B x T tokens (T = 256 where N allows), for three loss types that cover the
+plans of ``fused_linear_pg_loss``:
+
+* ``dapo``: one pass, clip-higher (epsilon_high 0.28), token-sum / token-count aggregation, no KL;
+* ``grpo``: one pass, with the k3 KL to a reference policy (beta = 0.04, ``ref_logp``);
+* ``clip_cov``: two phase (statistics, a batch-wide covariance selection, a recompute backward).
+
+Inputs are a realistic batch: per sequence a masked prompt head (5-15 % of T) and a masked padding tail (0-20 %),
+about 20 % masked in all; one advantage per sequence; ``old_logp`` and ``ref_logp`` within ~0.05 nats of the current
+policy (so ratios sit near 1 and some tokens clip).
+
+Impls: ``ours`` (fusedpg.fused_linear_pg_loss), ``eager`` (fused_linear_pg_loss_reference with dtype=None:
+materialised logits at the input dtype, upcast, log_softmax, gather, pg_loss: the baseline), ``compile``
+(torch.compile of eager; CUDA, CPU opt-in), ``liger`` (LigerFusedLinearGRPOLoss with the same settings, compiled as
+its users run it on CUDA; CPU opt-in with compiled=False; dapo and grpo only) and ``floor`` (the three GEMMs of the
+LM head; CUDA, CPU opt-in).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fusedpg
+from fusedpg.pg.reference import fused_linear_pg_loss_reference
+
+from .case_linear import LOGIT_STD, flops as linear_flops
+from .registry import GPU_SHAPES, JUDGED_CPU, SMALL_CPU, Case, Impl, Inputs, Shape, register_case
+
+LOSS_TYPES = ("dapo", "grpo", "clip_cov")
+#: fusedpg options of each benchmarked loss type (the library's defaults of that type otherwise).
+OURS_KW: Dict[str, dict] = {
+    "dapo": {},
+    "grpo": {"beta": 0.04},
+    "clip_cov": {"seed": 0},  # Clip-Cov's random pick from a fixed seed: every impl and rep does the same work
+}
+#: LigerFusedLinearGRPOLoss settings with the same semantics (loss type, clip bounds, KL).
+LIGER_KW: Dict[str, dict] = {
+    "dapo": dict(loss_type="dapo", beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28),
+    "grpo": dict(loss_type="grpo", beta=0.04, use_ref_model=True, epsilon_low=0.2, epsilon_high=0.2),
+}
+SEQ_LEN = 256
+PROMPT_FRACTION = (0.05, 0.15)
+PAD_FRACTION = (0.0, 0.2)
+POLICY_NOISE = 0.05
+
+
+@dataclass(frozen=True)
+class PGShape:
+    n: int
+    h: int
+    v: int
+    loss: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.n}x{self.h}x{self.v}:{self.loss}"
+
+    @property
+    def series(self) -> str:
+        return f"H={self.h} V={self.v} {self.loss}"
+
+    @property
+    def base(self) -> Shape:
+        return Shape(self.n, self.h, self.v)
+
+    def fields(self) -> Dict[str, object]:
+        return {"loss_type": self.loss, "seq_len": seq_len(self.n)}
+
+
+def seq_len(n: int, cap: int = SEQ_LEN) -> int:
+    """T of the [B, T] batch: the largest divisor of n not above cap."""
+    return max(t for t in range(1, min(n, cap) + 1) if n % t == 0)
+
+
+def parse_shape(text: str):
+    m = re.fullmatch(r"\s*([0-9x, ]+?)\s*(?::\s*([a-z_]+)\s*)?", text)
+    if not m:
+        raise ValueError(f"pg shapes look like NxHxV or NxHxV:loss_type, got {text!r}")
+    base = Shape.parse(m.group(1))
+    if m.group(2) and m.group(2) not in LOSS_TYPES:
+        raise ValueError(f"pg loss_type must be one of {LOSS_TYPES}, got {m.group(2)!r}")
+    return adapt(base) if not m.group(2) else [PGShape(base.n, base.h, base.v, m.group(2))]
+
+
+def adapt(shape):
+    if isinstance(shape, PGShape):
+        return [shape]
+    if isinstance(shape, Shape):
+        return [PGShape(shape.n, shape.h, shape.v, loss) for loss in LOSS_TYPES]
+    return []
+
+
+def make_inputs(shape: PGShape, dtype: torch.dtype, device: torch.device, seed: int) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t = seq_len(shape.n)
+    b = shape.n // t
+    hidden = torch.randn(b, t, shape.h, generator=gen, device=device, dtype=dtype)
+    weight = torch.randn(shape.v, shape.h, generator=gen, device=device, dtype=dtype).mul_(LOGIT_STD / shape.h ** 0.5)
+    targets = torch.randint(0, shape.v, (b, t), generator=gen, device=device)
+    u = torch.rand(b, 2, generator=gen, device=device)
+    head = (t * (PROMPT_FRACTION[0] + u[:, 0] * (PROMPT_FRACTION[1] - PROMPT_FRACTION[0]))).long()
+    tail = (t * (PAD_FRACTION[0] + u[:, 1] * (PAD_FRACTION[1] - PAD_FRACTION[0]))).long()
+    pos = torch.arange(t, device=device)
+    mask = ((pos >= head[:, None]) & (pos < (t - tail)[:, None])).float()
+    mask[:, min(t - 1, int(head.max()))] = 1.0  # every sequence keeps at least one token
+    advantages = torch.randn(b, generator=gen, device=device)
+    with torch.no_grad():  # the current policy's log-probs, chunked: no [N, V] logits while building inputs
+        logp, _ = fusedpg.linear_logprob_entropy(hidden, weight, targets)
+    logp = logp.float()
+    old = logp + POLICY_NOISE * torch.randn(b, t, generator=gen, device=device)
+    ref = logp + POLICY_NOISE * torch.randn(b, t, generator=gen, device=device)
+    return Inputs(leaves={"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_()},
+                  extra={"targets": targets, "mask": mask, "advantages": advantages, "old_logp": old, "ref_logp": ref,
+                         "one": torch.ones((), device=device)})
+
+
+def flops(shape: PGShape, mode: str) -> Optional[float]:
+    """Useful FLOPs of the LM head (6NHV for fwd+bwd over all N rows; the two-phase plan executes 8NHV, and ours
+    skips masked rows: the useful count is the same for every impl)."""
+    return linear_flops(shape.base, mode)
+
+
+def _args(inp: Inputs):
+    return (inp["hidden"], inp["weight"], inp["targets"], inp["advantages"], inp["mask"])
+
+
+def _kwargs(inp: Inputs, loss: str) -> dict:
+    return dict(old_logp=inp["old_logp"], ref_logp=inp["ref_logp"], loss_type=loss, **OURS_KW[loss])
+
+
+def _ours(inp: Inputs, shape: PGShape):
+    args, kw, one = _args(inp), _kwargs(inp, shape.loss), inp["one"]
+    return lambda: ((fusedpg.fused_linear_pg_loss(*args, **kw)[0],), (one,))
+
+
+def _eager_fn(h, w, y, adv, mask, old, ref, loss):
+    return fused_linear_pg_loss_reference(h, w, y, adv, mask, dtype=None, old_logp=old, ref_logp=ref,
+                                          loss_type=loss, **OURS_KW[loss])[0]
+
+
+def _eager(inp: Inputs, shape: PGShape):
+    args, one = _args(inp), inp["one"]
+    old, ref = inp["old_logp"], inp["ref_logp"]
+    return lambda: ((_eager_fn(*args, old, ref, shape.loss),), (one,))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(loss: str):
+    """One torch.compile wrapper per loss type and process (the loss type is a constant of the graph)."""
+    return torch.compile(functools.partial(_eager_fn, loss=loss))
+
+
+def _compile(inp: Inputs, shape: PGShape):
+    args, one = _args(inp), inp["one"]
+    old, ref = inp["old_logp"], inp["ref_logp"]
+    fn = _compiled(shape.loss)
+    return lambda: ((fn(*args, old, ref),), (one,))
+
+
+def _floor(inp: Inputs, shape: PGShape):
+    h, w = inp["hidden"], inp["weight"]
+    g = torch.empty(shape.n, shape.v, dtype=h.dtype, device=h.device).normal_()
+    return lambda: ((F.linear(h.view(shape.n, shape.h), w),), (g,))
+
+
+def _liger_applies(shape: PGShape, device: str) -> Optional[str]:
+    return None if shape.loss in LIGER_KW else f"LigerFusedLinearGRPOLoss has no {shape.loss}"
+
+
+def _liger(inp: Inputs, shape: PGShape):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    h, w, y, adv, mask = _args(inp)
+    kw = LIGER_KW[shape.loss]
+    # compiled=True is how Liger's users run it (torch.compile of each chunk); the CPU opt-in runs it eagerly.
+    loss_fn = LigerFusedLinearGRPOLoss(compiled=h.is_cuda, **kw)
+    ref = inp["ref_logp"] if kw["use_ref_model"] else None
+    old, one = inp["old_logp"], inp["one"]
+    mask_l = mask.long()
+
+    def fn():
+        out = loss_fn(h, w, y, mask_l, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        return (loss,), (one.to(loss.dtype),)
+
+    return fn
+
+
+CASE = register_case(Case(
+    name="pg",
+    description="hidden [B,T,H], weight [V,H] -> PG loss (dapo / grpo+KL / two-phase clip_cov) and its gradients "
+                "(fusedpg.fused_linear_pg_loss)",
+    make_inputs=make_inputs,
+    flops=flops,
+    parse_shape=parse_shape,
+    adapt=adapt,
+    shape_form="NxHxV[:dapo|grpo|clip_cov]",
+    modes=("fwd+bwd",),
+    presets={
+        ("cpu", False): (PGShape(JUDGED_CPU.n, JUDGED_CPU.h, JUDGED_CPU.v, "dapo"),
+                         *adapt(SMALL_CPU)),
+        ("cpu", True): tuple(adapt(SMALL_CPU)),
+        ("cuda", False): (*adapt(GPU_SHAPES[0]), PGShape(*(GPU_SHAPES[1].n, GPU_SHAPES[1].h, GPU_SHAPES[1].v), "dapo"),
+                          PGShape(*(GPU_SHAPES[2].n, GPU_SHAPES[2].h, GPU_SHAPES[2].v), "dapo")),
+        ("cuda", True): tuple(adapt(Shape(4096, 1024, 32000))),
+    },
+    impls=(
+        Impl("ours", _ours, role="ours"),
+        Impl("eager", _eager, role="baseline", note="materialised logits, upcast, log_softmax, pg_loss"),
+        Impl("floor", _floor, role="floor", devices=("cuda",), opt_in=("cpu",),
+             note="3 GEMMs of the LM head (logits, d_hidden, d_weight); no softmax, no loss"),
+        Impl("liger", _liger, devices=("cuda",), opt_in=("cpu",), requires=("liger_kernel",), grads_in_forward=True,
+             compiles=True,
+             applies=_liger_applies, note="LigerFusedLinearGRPOLoss, same loss settings; compiled on CUDA"),
+        Impl("compile", _compile, devices=("cuda",), opt_in=("cpu",), compiles=True,
+             note="torch.compile(eager)"),
+    ),
+))

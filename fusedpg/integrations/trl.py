@@ -1,0 +1,390 @@
+"""TRL integration: ``GRPOTrainer``'s loss on hidden states with fusedpg's fused LM head + loss.
+
+``FusedPGGRPOTrainer`` is a drop-in subclass of ``trl.GRPOTrainer`` (``pip install fusedpg[trl]``; supported and
+tested: TRL 1.16.x, the 1.x ``_compute_loss`` semantics listed below). Its ``_compute_loss`` runs the model's
+backbone through the (DDP/PEFT-wrapped) model's forward, takes the last hidden states of the completion positions
+and computes log-probs, entropy, the policy-gradient loss and its gradients in one fused pass
+(:func:`fusedpg.fused_linear_pg_loss`): no ``B x T x V`` logits and no separate per-token log-prob tensor with an
+autograd graph behind it. The loss, its gradients and every metric TRL logs are TRL's own
+(``tests/test_integrations_trl.py`` checks them against an unmodified ``GRPOTrainer._compute_loss``).
+
+Covered: every ``loss_type`` (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo); ``epsilon``/``epsilon_high``,
+``delta``; ``beta`` with ``use_bias_correction_kl``; ``importance_sampling_level`` token/sequence;
+``top_entropy_quantile``; the entropy bonus (static and adaptive ``use_adaptive_entropy``); the vLLM IS correction
+(precomputed ``importance_sampling_ratio`` in every mode; folded into VESPO's weight); off-policy sequence masking
+(``off_policy_mask_threshold``, on ``sampling_per_token_logps`` when present); ``mask_truncated_completions`` and
+``tool_mask`` (through the completion mask TRL builds); gradient accumulation (``current_gradient_accumulation_steps``,
+``num_items_in_batch`` rescaled by ``GA / steps_per_generation`` as TRL 1.16 does); multi-process normalisation
+(``num_processes``); the MoE load-balancing loss; temperature; tied ``lm_head``; PEFT (frozen or trainable head);
+logged metrics ``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
+``policy_loss``, ``entropy_coef``, ``aux_loss``.
+
+Not covered (falls back to TRL's own ``_compute_loss``, with a one-time warning): multimodal inputs
+(``pixel_values`` & co.), models with logit soft-capping or logit scaling, a LoRA-wrapped ``lm_head``.
+Raises ``NotImplementedError``: the entropy bonus together with ``top_entropy_quantile < 1`` for
+dapo/cispo/vespo (TRL's bonus denominator is the count of selected tokens, known only after the forward).
+Differences: ``delta`` must exceed ``1 + epsilon_high`` (fusedpg rejects the contradictory setting TRL accepts);
+with several processes, ``top_entropy_quantile`` thresholds each rank's own tokens (TRL gathers all ranks);
+``sampling_per_token_logps`` entries that are NaN (tokens vLLM could not score) are not neutralised for OPSM.
+
+Prefix Grouper (``prefix_grouper=True``; the model must be built with
+``attn_implementation=fusedpg.prefix.register_transformers()``): consecutive rows with the same prompt are packed
+once as ``[prompt | completion_1 | ... | completion_G]`` (``fusedpg.prefix.pack``) for the training forward; the loss
+is unchanged. Generation and TRL's old/ref passes use the model's fallback attention (``sdpa``).
+
+Options (keyword arguments of the constructor): ``fusedpg_impl`` (``"triton"``/``"torch"``; default by device),
+``fusedpg_chunk_bytes``, ``prefix_grouper``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..linear import linear_logprob_entropy
+from ..pg import fused_linear_pg_loss
+
+try:  # optional dependency: the module imports without TRL, the trainer class needs it
+    from trl import GRPOTrainer as _GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _GRPOTrainer = None
+
+from transformers.utils import ModelOutput
+
+__all__ = ["FusedPGGRPOTrainer", "trl_loss_options", "add_hidden_state_forward", "SUPPORTED_TRL"]
+
+SUPPORTED_TRL = ">=1.16,<2"
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+_GLOBAL_NORM = ("cispo", "dapo", "vespo")
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
+               "mm_token_type_ids", "image_position_ids", "spatial_shapes", "num_tiles")
+
+
+@dataclass
+class HiddenStateOutput(ModelOutput):
+    last_hidden_state: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+
+
+def add_hidden_state_forward(model) -> None:
+    """Let ``model(..., fusedpg_hidden=True)`` return the backbone's last hidden state (and the MoE load-balancing
+    loss) instead of logits. Other calls go to the previous forward unchanged. Calling it through the wrapped model
+    (DDP, PEFT) keeps DDP's reducer armed (peers.md §2 row 11)."""
+    if getattr(model, "_fusedpg_hidden_forward", False):
+        return
+    previous = model.forward
+    text_config = model.config.get_text_config()
+
+    @functools.wraps(type(model).forward)
+    def _forward(self, *args, fusedpg_hidden=False, **kwargs):
+        if not fusedpg_hidden:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        out = self.base_model(*args, **kwargs)
+        aux = None
+        if kwargs.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            aux = load_balancing_loss_func(out.router_logits, text_config.num_experts,
+                                           text_config.num_experts_per_tok, kwargs.get("attention_mask"))
+        return HiddenStateOutput(last_hidden_state=out.last_hidden_state, aux_loss=aux)
+
+    model.forward = types.MethodType(_forward, model)
+    model._fusedpg_hidden_forward = True
+
+
+def trl_loss_options(trainer, *, train: bool, num_items_in_batch: Optional[float], num_tokens: float,
+                     entropy_coef: float) -> dict:
+    """The :class:`fusedpg.PGLossConfig` keywords that reproduce TRL 1.16's ``_compute_loss`` for ``trainer``'s
+    settings in one micro-step (``num_tokens`` = local valid tokens, ``entropy_coef`` = the coefficient applied)."""
+    args, lt = trainer.args, trainer.loss_type
+    if lt not in TRL_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {TRL_LOSS_TYPES}, got {lt!r}")
+    ga = int(trainer.current_gradient_accumulation_steps) if train else 1
+    world = int(trainer.accelerator.num_processes)
+    opts = dict(loss_type=lt, epsilon_low=float(trainer.epsilon_low), epsilon_high=float(trainer.epsilon_high),
+                dual_clip_c=math.inf, log_ratio_clamp=None, beta=float(trainer.beta), kl_estimator="k3",
+                kl_bias_correction=bool(args.use_bias_correction_kl) and trainer.beta != 0.0,
+                importance_sampling_level=trainer.importance_sampling_level,
+                top_entropy_quantile=float(trainer.top_entropy_quantile), top_entropy_mode="trl",
+                sapo_tau_pos=float(args.sapo_temperature_pos), sapo_tau_neg=float(args.sapo_temperature_neg),
+                vespo_k_pos=float(args.vespo_k_pos), vespo_lambda_pos=float(args.vespo_lambda_pos),
+                vespo_k_neg=float(args.vespo_k_neg), vespo_lambda_neg=float(args.vespo_lambda_neg),
+                off_policy_mask_threshold=trainer.off_policy_mask_threshold,
+                aggregation={"sapo": "grpo", "cispo": "dapo", "vespo": "dapo"}.get(lt, lt),
+                max_completion_length=int(trainer.max_completion_length), gradient_accumulation_steps=ga,
+                world_size=world, cispo_mode="trl", luspo_unmasked=False, entropy_coef=float(entropy_coef))
+    if args.delta is not None and lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        opts["delta"] = float(args.delta)
+    if lt in _GLOBAL_NORM:
+        # TRL: sum / (clamp(N_glob, 1) / P * GA / steps_per_generation); fusedpg: sum * P / N_eff
+        nib = max(float(num_items_in_batch), 1.0)
+        if train:
+            nib = nib * ga / float(args.steps_per_generation)
+        opts["num_items_in_batch"] = nib
+        if entropy_coef != 0.0:
+            if trainer.top_entropy_quantile < 1.0:
+                raise NotImplementedError(
+                    f"the entropy bonus with top_entropy_quantile < 1 and loss_type={lt!r}: TRL divides the bonus by "
+                    "the number of selected tokens, which fusedpg's one fused pass cannot know in advance")
+            # fusedpg weights the dapo-family bonus like the policy term (P / N_eff); TRL 1.16 takes the local mean
+            # over valid tokens divided by GA: rescale the coefficient by (N_eff / P) / (max(N_local, 1) * GA).
+            opts["entropy_coef"] = entropy_coef * (nib / world) / (max(num_tokens, 1.0) * ga)
+    return opts
+
+
+def _fold_vespo_is(ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TRL folds ``sum over the ratio's last dim of clamp(log r, log 1e-8, 20)`` into VESPO's log-weight; fusedpg folds
+    ``sum_t m_t clamp(log w_t)``: spread the total evenly over the sequence's valid tokens."""
+    b, t = mask.shape
+    logs = ratio.reshape(b, -1).float().log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
+    return torch.exp(logs / mask.sum(-1, keepdim=True).clamp(min=1.0)).expand(b, t).to(mask.dtype)
+
+
+if _GRPOTrainer is not None:
+
+    class FusedPGGRPOTrainer(_GRPOTrainer):
+        """``trl.GRPOTrainer`` whose training loss runs on hidden states through fusedpg (see the module docstring)."""
+
+        def __init__(self, *args, fusedpg_impl: Optional[str] = None, fusedpg_chunk_bytes: Optional[int] = None,
+                     prefix_grouper: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fusedpg_impl = fusedpg_impl
+            self.fusedpg_chunk_bytes = fusedpg_chunk_bytes
+            self.prefix_grouper = bool(prefix_grouper)
+            if self.prefix_grouper:
+                impl = getattr(self.model.config, "_attn_implementation", None)
+                from ..prefix.hf import DEFAULT_NAME
+
+                if impl is None or not str(impl).startswith(DEFAULT_NAME):
+                    raise ValueError("prefix_grouper=True needs a model built with attn_implementation="
+                                     "fusedpg.prefix.register_transformers() (got attn_implementation="
+                                     f"{impl!r})")
+            self._fusedpg_warned = False
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            add_hidden_state_forward(base)
+            self._fusedpg_base = base
+
+        # -- helpers ---------------------------------------------------------------------------------------------
+        def _fusedpg_unsupported(self, inputs) -> Optional[str]:
+            if any(inputs.get(k) is not None for k in _MULTIMODAL):
+                return "multimodal inputs"
+            cfg = self._fusedpg_base.config.get_text_config()
+            for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                         "logits_scaling"):
+                if getattr(cfg, name, None) not in (None, 1.0):
+                    return f"a model with {name}={getattr(cfg, name)!r}"
+            head = self._fusedpg_base.get_output_embeddings()
+            if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or hasattr(head,
+                                                                                                   "lora_A"):
+                return "an lm_head that is not a plain linear layer (e.g. LoRA-wrapped)"
+            return None
+
+        def _fusedpg_head(self):
+            head = self._fusedpg_base.get_output_embeddings()
+            weight, bias = head.weight, head.bias
+            try:
+                from torch.distributed.tensor import DTensor
+
+                if isinstance(weight, DTensor):
+                    weight = weight.full_tensor()
+                    bias = None if bias is None else bias.full_tensor()
+            except ImportError:  # pragma: no cover
+                pass
+            return weight, bias
+
+        def _fusedpg_pack(self, inputs):
+            """Group consecutive rows that share a prompt and pack them (None if a completion mask is not a
+            contiguous prefix, where the packed rows would not line up with TRL's)."""
+            from ..prefix import pack
+
+            pm, cm = inputs["prompt_mask"].bool(), inputs["completion_mask"].bool()
+            lens = cm.sum(-1)
+            if bool((cm != (torch.arange(cm.shape[1], device=cm.device)[None] < lens[:, None])).any()):
+                return None
+            prompts, groups = [], []
+            for i in range(pm.shape[0]):
+                prompt = inputs["prompt_ids"][i][pm[i]]
+                comp = inputs["completion_ids"][i][:max(int(lens[i]), 1)]  # an empty completion keeps one masked token
+                if prompts and prompts[-1].shape == prompt.shape and bool((prompts[-1] == prompt).all()):
+                    groups[-1].append(comp)
+                else:
+                    prompts.append(prompt)
+                    groups.append([comp])
+            pad = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else 0
+            return pack(prompts, groups, pad_token_id=int(pad), device=inputs["prompt_ids"].device)
+
+        # -- the loss --------------------------------------------------------------------------------------------
+        def _compute_loss(self, model, inputs):
+            reason = self._fusedpg_unsupported(inputs)
+            if reason is not None:
+                if not self._fusedpg_warned:
+                    warnings.warn(f"fusedpg: falling back to TRL's loss for {reason}", stacklevel=2)
+                    self._fusedpg_warned = True
+                return super()._compute_loss(model, inputs)
+
+            mode = "train" if self.model.training else "eval"
+            prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            n_comp = completion_ids.size(1)
+            mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+            maskf = mask.float()
+
+            packed = self._fusedpg_pack(inputs) if self.prefix_grouper else None
+            with self.accelerator.autocast():
+                if packed is None:
+                    out = model(input_ids=input_ids, attention_mask=attention_mask, fusedpg_hidden=True)
+                    hidden = out.last_hidden_state[:, -n_comp - 1:-1]
+                else:  # Prefix Grouper: each prompt once, its completions attend to it (fusedpg.prefix)
+                    out = model(**packed.model_kwargs(), fusedpg_hidden=True)
+                    hidden = packed.layout.unpack(out.last_hidden_state, padded=True)
+                    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, n_comp - hidden.shape[1]))
+            weight, bias = self._fusedpg_head()
+            hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+            targets = completion_ids.to(weight.device)
+            temperature = float(self.temperature)
+
+            advantages = inputs["advantages"]
+            adv2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+            old = inputs.get("old_per_token_logps")
+            if old is None:  # on-policy: old = current log-probs (one no-grad pass of the head only)
+                with torch.no_grad():
+                    old, _ = linear_logprob_entropy(
+                        hidden.detach(), weight.detach(), targets.masked_fill(mask == 0, -100),
+                        bias=None if bias is None else bias.detach(), temperature=temperature,
+                        compute_entropy=False, check_targets=False, impl=self.fusedpg_impl)
+            ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+            is_ratio = inputs.get("importance_sampling_ratio")
+            is_weights = None
+            if self.loss_type == "vespo":
+                is_weights = None if is_ratio is None else _fold_vespo_is(is_ratio, maskf)
+            elif self.use_vllm and self.vllm_importance_sampling_correction:
+                is_weights = is_ratio.squeeze(-1) if is_ratio.dim() == 2 and is_ratio.shape[1] == 1 else is_ratio
+            rollout = None
+            if self.off_policy_mask_threshold is not None:
+                rollout = inputs.get("sampling_per_token_logps")
+
+            if self._entropy_bonus_enabled:
+                if self.use_adaptive_entropy:
+                    apply_coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+                else:
+                    apply_coef = self.entropy_coef
+            else:
+                apply_coef = 0.0
+            nib = inputs.get("num_items_in_batch")
+            num_tokens = float(maskf.sum())
+            opts = trl_loss_options(self, train=mode == "train",
+                                    num_items_in_batch=None if nib is None else float(nib),
+                                    num_tokens=num_tokens, entropy_coef=float(apply_coef))
+            loss, met = fused_linear_pg_loss(
+                hidden, weight, targets, advantages, maskf, old_logp=old, ref_logp=ref, bias=bias,
+                temperature=temperature, return_token_stats=True, impl=self.fusedpg_impl,
+                chunk_bytes=self.fusedpg_chunk_bytes, rollout_logp=rollout, is_weights=is_weights, **opts)
+            ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            if self.aux_loss_enabled and out.aux_loss is not None:
+                loss = loss + self.router_aux_loss_coef * out.aux_loss / ga
+                self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(out.aux_loss).mean().item())
+
+            self._fusedpg_log(mode, met, maskf, adv2, old, ref, is_ratio, ga, apply_coef)
+            return loss
+
+        def _fusedpg_log(self, mode, met, mask, advantages, old, ref, is_ratio, ga, apply_coef):
+            """TRL's logged metrics, from the detached per-token log-probs and entropy of the fused pass."""
+            logp = met["logp"].float()
+            entropies = met["entropy"].float()
+            on = mask > 0
+            lr = torch.where(on, logp - old.float(), torch.zeros_like(logp))
+            if self.importance_sampling_level == "token":
+                log_w = lr
+            else:
+                log_w = ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+            coef_1 = torch.exp(log_w)
+
+            def masked_seq_mean(x):
+                if x.shape[1] == 1:
+                    return x.squeeze(1)
+                return (x * mask).sum(-1) / mask.sum(-1)
+
+            def global_masked_mean(x):
+                if x.shape[1] == 1:
+                    local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+                else:
+                    local_sum, local_count = (x * mask).sum(), mask.sum().float()
+                totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+                return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+            entropy_mask = None
+            if self.top_entropy_quantile < 1.0:
+                entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+
+            if self._entropy_bonus_enabled:
+                # TRL's policy_loss: the loss before the GA division (dapo family: after its normaliser), KL included
+                policy = (met["loss_policy"] + met.get("loss_kl", torch.zeros_like(met["loss_policy"]))).detach()
+                if self.loss_type not in _GLOBAL_NORM:
+                    policy = policy * ga
+                self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+                effective = mask if entropy_mask is None else mask * entropy_mask
+                if self.use_adaptive_entropy and mode == "train":
+                    stats = torch.stack([(entropies * effective).sum(), effective.sum()]).detach()
+                    if self._entropy_window_stats is None:
+                        self._entropy_window_stats = stats
+                    else:
+                        self._entropy_window_stats = self._entropy_window_stats + stats
+                    if self.accelerator.sync_gradients:
+                        window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                        world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                        if world_entropy <= self.args.entropy_target:
+                            self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta,
+                                                    self.args.entropy_coef_max)
+                        else:
+                            self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta,
+                                                    self.args.entropy_coef_min)
+                        self._last_world_entropy = world_entropy
+                        self._entropy_window_stats = None
+                if mode == "train" and self.accelerator.sync_gradients:
+                    self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+            if self.beta != 0.0:
+                d = torch.where(on, ref.float() - logp, torch.zeros_like(logp))
+                per_token_kl = torch.exp(d) - d - 1
+                if self.args.use_bias_correction_kl:
+                    per_token_kl = per_token_kl * coef_1
+                self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl))
+            self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
+
+            if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+                low = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
+                high = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
+                region = low | high
+                self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+                self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+                self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(region.float()))
+                gathered_low = self.accelerator.gather(masked_seq_mean(low.float()))
+                self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low).item())
+                gathered_high = self.accelerator.gather(masked_seq_mean(high.float()))
+                self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high).item())
+            elif self.loss_type == "cispo":
+                clipped = (coef_1 > self.epsilon_high) & (advantages > 0)
+                self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+            elif self.loss_type == "vespo":
+                phi = self.get_gamma_weights(advantages=advantages, log_ratio_per_token=lr, mask=mask,
+                                             importance_sampling_ratio=is_ratio, k_pos=self.args.vespo_k_pos,
+                                             lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
+                                             lambda_neg=self.args.vespo_lambda_neg)
+                self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+
+else:  # pragma: no cover
+
+    class FusedPGGRPOTrainer:  # type: ignore[no-redef]
+        def __init__(self, *args, **kwargs):
+            raise ImportError(f"fusedpg.integrations.trl needs TRL ({SUPPORTED_TRL}): pip install 'fusedpg[trl]'")
