@@ -14,8 +14,9 @@ Cases: linear (NxHxV), logits (NxHxV), pg (NxHxV[:loss_type]: dapo, grpo with KL
 (P+LxG[:HQ/HKVxD], one group: prompt P, G completions of L tokens) and model (MODEL:P+LxG, MODEL tiny-qwen2 or
 qwen2-0.5b: one GRPO loss step). ``--shape`` text goes to every selected case whose form it has.
 
-The default CPU run (about 5 minutes on an idle 2-core machine) holds the two judged shapes (linear and pg dapo at
-4096x1024x32000 fp32, fwd+bwd) and small shapes of every case; --quick (about a minute) only small shapes.
+The default CPU run holds the two judged shapes (linear and pg dapo at 4096x1024x32000 fp32, fwd+bwd; linear also fwd
+and bwd) and small shapes of every case: 7 minutes on a 2-core machine shared with other work, less when idle.
+--quick runs only small shapes (2 minutes on the same shared machine).
 
 Output in --out (default bench/out/): rows.jsonl (as measured), results.json and results.csv (long format), table.md
 (the ratio table and the target lines, also printed) and <case>_time.png / <case>_memory.png.

@@ -216,9 +216,9 @@ def default_items(names: Sequence[str], device: str, quick: bool) -> List[Tuple[
 
 
 def items_from_text(names: Sequence[str], texts: Sequence[str]) -> Tuple[List[Tuple[str, object]], List[str]]:
-    """(case, shape) for ``--shape`` texts, shape-major; and the texts no selected case understood."""
+    """(case, shape) for ``--shape`` texts, shape-major, each once; and the texts no selected case understood."""
     registry = cases()
-    items, unknown = [], []
+    items, unknown, seen = [], [], set()
     for text in texts:
         hit = False
         for name in names:
@@ -227,7 +227,8 @@ def items_from_text(names: Sequence[str], texts: Sequence[str]) -> Tuple[List[Tu
             except ValueError:
                 continue
             hit = True
-            items.extend((name, s) for s in shapes)
+            items.extend((name, s) for s in shapes if (name, s.label) not in seen)
+            seen.update((name, s.label) for s in shapes)
         if not hit:
             unknown.append(text)
     return items, unknown

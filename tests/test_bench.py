@@ -78,6 +78,8 @@ def test_case_shapes_parse_and_default_run_order():
     assert [(c, s.label) for c, s in items] == [("linear", "32x16x64"), ("attention", "8+2x2:4/2x64"),
                                                 ("model", "tiny-qwen2:8+2x2")]
     assert unknown == ["9:9"]
+    twice, _ = items_from_text(["pg"], ["32x16x64:dapo", "32x16x64"])  # dapo once, then grpo and clip_cov
+    assert [s.label for _, s in twice] == ["32x16x64:dapo", "32x16x64:grpo", "32x16x64:clip_cov"]
     # The default CPU run: the two judged shapes first, then small shapes of every case.
     default = [(c, s.label) for c, s in default_items(list(reg), "cpu", False)]
     assert default[:3] == [("linear", "4096x1024x32000"), ("logits", "4096x1024x32000"), ("pg", "4096x1024x32000:dapo")]

@@ -325,3 +325,108 @@ def test_prefix_grouper_matches_trl(tmp_path):
         torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-4, atol=1e-5, msg=k)
     for k in want[2]:
         assert got[2][k] == pytest.approx(want[2][k], rel=1e-4, abs=1e-6), k
+    # the old/ref pass (no grad) runs grouped too, and gives TRL's log-probs and entropies
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        want_lp, want_ent, _ = theirs._get_per_token_logps_and_entropies(theirs.model, ids, am, C,
+                                                                         compute_entropy=True)
+        got_lp, got_ent, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, am, C, compute_entropy=True)
+    assert calls["pack"] == 2
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_ent, want_ent, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def nograd_calls(monkeypatch):
+    """Counts fusedpg.linear_logprob_entropy calls the trainer makes with autograd off (the old/ref passes)."""
+    calls = {"nograd": 0}
+    orig = fusedpg_trl.linear_logprob_entropy
+
+    def counting(*args, **kwargs):
+        calls["nograd"] += not torch.is_grad_enabled()
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(fusedpg_trl, "linear_logprob_entropy", counting)
+    return calls
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_old_ref_pass_matches_trl(trainers, nograd_calls, batch_size):
+    """TRL's no-grad log-prob pass (old policy / reference policy) through fusedpg equals TRL's fused head."""
+    theirs, ours = trainers
+    inputs = _inputs(theirs, seed=61)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    for entropy in (False, True):
+        with torch.no_grad():
+            want = theirs._get_per_token_logps_and_entropies(theirs.model, ids, am, C, batch_size=batch_size,
+                                                             compute_entropy=entropy)
+            before = nograd_calls["nograd"]
+            got = ours._get_per_token_logps_and_entropies(ours.model, ids, am, C, batch_size=batch_size,
+                                                          compute_entropy=entropy)
+        assert nograd_calls["nograd"] == before + (1 if batch_size is None else 2)
+        assert got[0].dtype == want[0].dtype == torch.float32 and got[2] is None
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        assert (got[0][inputs["completion_mask"] == 0] == 0).all()
+        if entropy:
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        else:
+            assert got[1] is None and want[1] is None
+    # with autograd on (TRL's own _compute_loss on the fallback path) TRL's pass runs, with its graph
+    before = nograd_calls["nograd"]
+    lp, _, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, am, C)
+    assert lp.requires_grad and nograd_calls["nograd"] == before
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """The tiny model saved to disk: TRL builds the reference model (beta != 0) from the policy's path."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    _model().save_pretrained(path)
+    return str(path)
+
+
+def test_train_with_old_and_ref_passes_matches_trl(tmp_path, saved_model, nograd_calls):
+    """trainer.train() with beta != 0 (reference model) and num_iterations=2 (old log-probs computed): TRL's
+    old/ref passes go through fusedpg — plain and with Prefix Grouper (grouped old/ref forwards) — and the logged
+    losses and metrics equal TRL's."""
+    from transformers import AutoModelForCausalLM
+
+    from fusedpg.prefix import register_transformers
+
+    name = register_transformers()
+    tok, logs = _tokenizer(), {}
+    for run, cls, kw in (("trl", trl.GRPOTrainer, {}), ("ours", FusedPGGRPOTrainer, dict(fusedpg_impl="torch")),
+                         ("prefix", FusedPGGRPOTrainer, dict(fusedpg_impl="torch", prefix_grouper=True))):
+        model = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32,
+                                                     **({"attn_implementation": name} if run == "prefix" else {}))
+        trainer = cls(model=model, reward_funcs=_reward, train_dataset=_dataset(), processing_class=tok,
+                      args=_args(tmp_path / run, beta=0.04, num_iterations=2, optim="sgd", learning_rate=0.2,
+                                 lr_scheduler_type="constant"), **kw)
+        assert trainer.ref_model is not None
+        packs = {"nograd": 0}
+        if run == "prefix":
+            orig = trainer._fusedpg_pack
+
+            def counting(inp, orig=orig):
+                packed = orig(inp)
+                packs["nograd"] += not torch.is_grad_enabled() and packed is not None and packed.layout.n_rows == 1
+                return packed
+
+            trainer._fusedpg_pack = counting
+        before = nograd_calls["nograd"]
+        trainer.train()
+        # step 1 generates: one old pass (policy) and one ref pass (reference model); step 2 reuses the rollout
+        assert nograd_calls["nograd"] - before == (0 if run == "trl" else 2), run
+        assert packs["nograd"] == (2 if run == "prefix" else 0)
+        if run != "trl":
+            assert getattr(trainer.ref_model, "_fusedpg_hidden_forward", False)
+        logs[run] = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs["ours"]) == 2 and logs["trl"][1]["kl"] > 1e-4  # step 2: the policy has moved off old and ref
+    for run in ("ours", "prefix"):
+        for a, b in zip(logs[run], logs["trl"]):  # same seed: same generations, same losses and metrics
+            assert set(a) == set(b)
+            for k in ("loss", "kl", "entropy", "clip_ratio/region_mean", "grad_norm", "reward"):
+                if k in b:
+                    assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (run, k)

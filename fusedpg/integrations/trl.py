@@ -20,17 +20,26 @@ logged metrics ``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``ve
 ``policy_loss``, ``entropy_coef``, ``aux_loss``.
 
 Not covered (falls back to TRL's own ``_compute_loss``, with a one-time warning): multimodal inputs
-(``pixel_values`` & co.), models with logit soft-capping or logit scaling, a LoRA-wrapped ``lm_head``.
+(``pixel_values`` & co.), models with logit soft-capping or logit scaling, a LoRA-wrapped or DeepSpeed ZeRO-3
+partitioned ``lm_head``.
 Raises ``NotImplementedError``: the entropy bonus together with ``top_entropy_quantile < 1`` for
 dapo/cispo/vespo (TRL's bonus denominator is the count of selected tokens, known only after the forward).
 Differences: ``delta`` must exceed ``1 + epsilon_high`` (fusedpg rejects the contradictory setting TRL accepts);
 with several processes, ``top_entropy_quantile`` thresholds each rank's own tokens (TRL gathers all ranks);
 ``sampling_per_token_logps`` entries that are NaN (tokens vLLM could not score) are not neutralised for OPSM.
 
+Old/reference log-prob passes: TRL's ``_get_per_token_logps_and_entropies`` as ``_generate_and_score_completions``
+calls it under ``torch.no_grad`` (the old policy's log-probs when not on-policy or with the vLLM IS correction; the
+reference model's, or the PEFT model with its adapter disabled, when ``beta != 0``) runs the backbone through the
+hidden-state forward and :func:`fusedpg.linear_logprob_entropy` on the completion positions: no ``N x V`` logits,
+the same numbers as TRL's fused head (and the same head arithmetic as the training pass, so an on-policy ratio is
+exactly 1). Calls with autograd on, with the MoE aux loss, or outside the covered cases above go to TRL's pass.
+
 Prefix Grouper (``prefix_grouper=True``; the model must be built with
 ``attn_implementation=fusedpg.prefix.register_transformers()``): consecutive rows with the same prompt are packed
-once as ``[prompt | completion_1 | ... | completion_G]`` (``fusedpg.prefix.pack``) for the training forward; the loss
-is unchanged. Generation and TRL's old/ref passes use the model's fallback attention (``sdpa``).
+once as ``[prompt | completion_1 | ... | completion_G]`` (``fusedpg.prefix.pack``) for the training forward and for
+the old/ref passes (per ``batch_size`` chunk; the reference model TRL builds inherits the attention implementation,
+one without it runs ungrouped); the loss is unchanged. Generation uses the model's fallback attention (``sdpa``).
 
 Options (keyword arguments of the constructor): ``fusedpg_impl`` (``"triton"``/``"torch"``; default by device),
 ``fusedpg_chunk_bytes``, ``prefix_grouper``.
@@ -174,22 +183,25 @@ if _GRPOTrainer is not None:
             self._fusedpg_base = base
 
         # -- helpers ---------------------------------------------------------------------------------------------
-        def _fusedpg_unsupported(self, inputs) -> Optional[str]:
+        def _fusedpg_unsupported(self, inputs, base=None) -> Optional[str]:
+            base = self._fusedpg_base if base is None else base
             if any(inputs.get(k) is not None for k in _MULTIMODAL):
                 return "multimodal inputs"
-            cfg = self._fusedpg_base.config.get_text_config()
+            cfg = base.config.get_text_config()
             for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                          "logits_scaling"):
                 if getattr(cfg, name, None) not in (None, 1.0):
                     return f"a model with {name}={getattr(cfg, name)!r}"
-            head = self._fusedpg_base.get_output_embeddings()
+            head = base.get_output_embeddings()
             if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or hasattr(head,
                                                                                                    "lora_A"):
                 return "an lm_head that is not a plain linear layer (e.g. LoRA-wrapped)"
+            if hasattr(head.weight, "ds_id"):
+                return "a DeepSpeed ZeRO-3 partitioned lm_head"
             return None
 
-        def _fusedpg_head(self):
-            head = self._fusedpg_base.get_output_embeddings()
+        def _fusedpg_head(self, base=None):
+            head = (self._fusedpg_base if base is None else base).get_output_embeddings()
             weight, bias = head.weight, head.bias
             try:
                 from torch.distributed.tensor import DTensor
@@ -221,6 +233,74 @@ if _GRPOTrainer is not None:
                     groups.append([comp])
             pad = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else 0
             return pack(prompts, groups, pad_token_id=int(pad), device=inputs["prompt_ids"].device)
+
+        def _fusedpg_nograd_base(self, model):
+            """The causal-LM module under ``model``'s wrappers (DDP/DeepSpeed, PEFT), with the hidden-state forward
+            added (the reference model gets it on first use), or None where fusedpg's no-grad pass cannot apply."""
+            try:
+                base = self.accelerator.unwrap_model(model)
+            except Exception:  # pragma: no cover - an exotic wrapper: keep TRL's pass
+                return None
+            if hasattr(base, "get_base_model"):
+                base = base.get_base_model()
+            if not hasattr(base, "base_model") or not hasattr(base, "get_output_embeddings") or not hasattr(
+                    base, "config"):
+                return None
+            add_hidden_state_forward(base)
+            return base
+
+        # -- TRL's no-grad log-prob passes (old policy, reference policy) ---------------------------------------
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **kwargs):
+            """TRL's old/ref log-prob pass (``_generate_and_score_completions``, under ``torch.no_grad``) on fusedpg:
+            the backbone's hidden states and :func:`fusedpg.linear_logprob_entropy` (no ``N x V`` logits), with the
+            packed grouped forward when ``prefix_grouper`` is on. Same return as TRL's; calls with autograd on (TRL's
+            own ``_compute_loss``, used on the fallback path), with the MoE aux loss, or that the fused path does not
+            cover (multimodal, soft-capped/scaled logits, a LoRA-wrapped or ZeRO-3 partitioned head) go to TRL's."""
+            base = None
+            if not torch.is_grad_enabled() and not compute_aux_loss:
+                base = self._fusedpg_nograd_base(model)
+            if base is None or self._fusedpg_unsupported(kwargs, base) is not None:
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+            grouped = False
+            if self.prefix_grouper:
+                from ..prefix.hf import DEFAULT_NAME
+
+                grouped = str(getattr(base.config, "_attn_implementation", None)).startswith(DEFAULT_NAME)
+            weight, bias = self._fusedpg_head(base)
+            k = int(logits_to_keep)
+            batch_size = batch_size or input_ids.size(0)
+            all_logps, all_entropies = [], []
+            for start in range(0, input_ids.size(0), batch_size):
+                ids, am = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+                packed = None
+                if grouped:
+                    packed = self._fusedpg_pack(dict(prompt_ids=ids[:, :-k], prompt_mask=am[:, :-k],
+                                                     completion_ids=ids[:, -k:], completion_mask=am[:, -k:]))
+                with self.accelerator.autocast():
+                    if packed is None:
+                        out = model(input_ids=ids, attention_mask=am, fusedpg_hidden=True)
+                        hidden = out.last_hidden_state[:, -k - 1:-1]
+                    else:
+                        out = model(**packed.model_kwargs(), fusedpg_hidden=True)
+                        hidden = packed.layout.unpack(out.last_hidden_state, padded=True)
+                        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, k - hidden.shape[1]))
+                hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+                valid = am[:, -k:].to(weight.device) != 0
+                targets = ids[:, -k:].to(weight.device).masked_fill(~valid, -100)
+                logps, ent = linear_logprob_entropy(hidden, weight, targets, bias=bias,
+                                                    temperature=float(self.temperature),
+                                                    compute_entropy=compute_entropy, check_targets=False,
+                                                    impl=self.fusedpg_impl)
+                all_logps.append(logps)
+                if compute_entropy:
+                    all_entropies.append(torch.where(valid, ent, torch.zeros_like(ent)))
+            logps = torch.cat(all_logps, dim=0)
+            entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+            return logps, entropies, None
 
         # -- the loss --------------------------------------------------------------------------------------------
         def _compute_loss(self, model, inputs):
