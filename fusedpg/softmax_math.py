@@ -44,7 +44,7 @@ def softmax_stats(
 def softmax_grad_(
     z: torch.Tensor,
     targets: torch.Tensor,
-    m: torch.Tensor,
+    m: Optional[torch.Tensor],
     log_s: torch.Tensor,
     entropy: torch.Tensor,
     c: torch.Tensor,
@@ -54,25 +54,29 @@ def softmax_grad_(
     """Gradient w.r.t. the untempered logits ``u``, written over z ``[R, V]`` and returned.
 
     ``g_v = (c (1[v = y] - p_v) - d p_v (log p_v + H)) / T`` with ``log p = (z - m) - log_s``; ``d=None`` skips
-    the entropy term. c, d, m, log_s, entropy are ``[R]``; temperature a float or ``[R]``.
+    the entropy term; ``m=None`` when z already holds ``z - m``. c, d, m, log_s, entropy are ``[R]``;
+    temperature a float or ``[R]``.
     """
     # An all -inf row (log_s = -inf) has no gradient: shift it by +inf so every p is 0, and drop its c.
     dead = torch.isneginf(log_s)
     log_s = torch.where(dead, torch.full_like(log_s, float("inf")), log_s)
     c = torch.where(dead, torch.zeros_like(c), c)
-    z.sub_(m.unsqueeze(1)).sub_(log_s.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)  # log p
+    # 1/T is folded into the per-row coefficients, which saves a pass over the [R, V] chunk.
+    if isinstance(temperature, torch.Tensor):
+        inv_t = 1.0 / temperature.to(c.dtype)
+        c, d = c * inv_t, None if d is None else d * inv_t
+    elif temperature != 1.0:
+        c, d = c / temperature, None if d is None else d / temperature
+    if m is not None:
+        z.sub_(m.unsqueeze(1))
+    z.sub_(log_s.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)  # log p
     p = torch.exp(z)
     if d is None:
         g = p.mul_(-c.unsqueeze(1))
     else:
-        coef = z.add_(entropy.unsqueeze(1)).mul_(d.unsqueeze(1)).add_(c.unsqueeze(1))
-        g = p.mul_(coef).neg_()
-    g.scatter_add_(1, targets.unsqueeze(1), c.unsqueeze(1))
-    if isinstance(temperature, torch.Tensor):
-        g.div_(temperature.unsqueeze(1))
-    elif temperature != 1.0:
-        g.div_(temperature)
-    return g
+        # -(c + d (log p + H)) = (-d) log p - (c + d H): two passes over the chunk, then one product with p
+        g = p.mul_(z.mul_(-d.unsqueeze(1)).sub_((c + d * entropy).unsqueeze(1)))
+    return g.scatter_add_(1, targets.unsqueeze(1), c.unsqueeze(1))
 
 
 def divide_temperature_(z: torch.Tensor, temperature) -> torch.Tensor:

@@ -19,6 +19,16 @@ from fusedpg.integrations.trl import FusedPGGRPOTrainer  # noqa: E402
 B, P, C, V = 4, 3, 5, 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread (as tests/test_bench.py): on a loaded 2-core machine two OpenMP threads wait for time slices
+    on every tiny op, which made this file take ~30 s instead of ~7 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tokenizer():
     words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(V - 3)]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -27,8 +27,7 @@ class TorchStep:
         return logp, ent
 
     def grads(self, h, y, temp, c, d, dh_out, dw_acc, db_acc) -> None:
-        zero = torch.zeros_like(self.log_s)  # z already holds z - max
-        g = softmax_grad_(self.z, y, zero, self.log_s, self.ent, c.to(self.work),
+        g = softmax_grad_(self.z, y, None, self.log_s, self.ent, c.to(self.work),
                           None if d is None else d.to(self.work), temp)
         self.z = None
         if dh_out is not None:
