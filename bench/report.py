@@ -229,7 +229,7 @@ def target_lines(rows: Sequence[Dict]) -> List[str]:
 
 
 #: Cases whose every measured group gets a ratio line (ours against the baseline, plus the shape's analytic bound).
-RATIO_CASES = ("pg", "attention", "model")
+RATIO_CASES = ("pg", "attention", "model", "trl")
 
 
 def ratio_lines(rows: Sequence[Dict]) -> List[str]:
