@@ -230,11 +230,13 @@ def test_untied_head_matches_trl(tmp_path):
         torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_train_two_steps_with_generation(tmp_path):
+@pytest.mark.parametrize("extra", [{}, dict(mask_truncated_completions=True)], ids=["plain", "mask_truncated"])
+def test_train_two_steps_with_generation(tmp_path, extra):
+    """mask_truncated_completions acts in TRL's generation step, before the loss: the subclass inherits it."""
     model, tok = _model(), _tokenizer()
     logs = {}
     for name, cls, kw in (("trl", trl.GRPOTrainer, {}), ("ours", FusedPGGRPOTrainer, dict(fusedpg_impl="torch"))):
-        trainer = cls(model=copy.deepcopy(model), reward_funcs=_reward, args=_args(tmp_path / name),
+        trainer = cls(model=copy.deepcopy(model), reward_funcs=_reward, args=_args(tmp_path / name, **extra),
                       train_dataset=_dataset(), processing_class=tok, **kw)
         before = CALLS["fused"]
         trainer.train()
