@@ -180,7 +180,9 @@ def cases() -> Dict[str, Case]:
     """All registered cases, importing the case modules on first use (imports stay out of ``fusedpg bench --help``)."""
     for module in CASE_MODULES:
         importlib.import_module(f"{__package__}.{module}")
-    return dict(_CASES)
+    # CASE_MODULES order, not registration order: tests may import a case module on its own first.
+    rank = {module[len("case_"):]: i for i, module in enumerate(CASE_MODULES)}
+    return {name: _CASES[name] for name in sorted(_CASES, key=lambda n: rank.get(n, len(rank)))}
 
 
 def availability(impl: Impl, device: str, requested: Optional[Sequence[str]], shape=None) -> Tuple[str, str]:
