@@ -138,3 +138,44 @@ def _pg_onepass_kernel(
         g = grad_tile(z, cols[None, :] == y[:, None], m, log_s, ent, c, d, temp, HAS_D)  # [BT, BV]
         tl.store(x_ptr + rows64[:, None] * stride_n + cols64[None, :], g.to(x_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _pg_seq_terms_kernel(
+    lp_ptr, ent_ptr, lrs_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, wk_ptr, we_ptr, lo_ptr, hi_ptr,
+    loss_ptr, cpol_ptr, cloc_ptr, d_ptr,
+    N, stride_lo, stride_hi,
+    ratio_clamp, delta, dual_c, beta, kl_clamp, ent_coef, tau_pos, tau_neg,
+    SURROGATE: tl.constexpr, GRAD_PRESERVING: tl.constexpr, KL: tl.constexpr, KL_STRAIGHT: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """Per-token terms of a sequence-level ratio (GSPO family) once the chunk's statistics exist.
+
+    The policy term is evaluated at the sequence log-ratio ``lrs`` (passed as lp' = old + lrs, so the shared
+    pg_token_terms sees lr = lrs); its derivative w.r.t. that log-ratio goes to ``cpol`` for the launcher's
+    segment sum. KL and entropy stay token-local (``cloc``, ``d``): a second call with zero policy weight.
+    """
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    row_mask = rows < N
+    lp = tl.load(lp_ptr + rows, mask=row_mask, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+    lrs = tl.load(lrs_ptr + rows, mask=row_mask, other=0.0)
+    old = tl.load(old_ptr + rows, mask=row_mask, other=0.0)
+    ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
+    adv = tl.load(adv_ptr + rows, mask=row_mask, other=0.0)
+    w = tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+    wk = tl.load(wk_ptr + rows, mask=row_mask, other=0.0)
+    we = tl.load(we_ptr + rows, mask=row_mask, other=0.0)
+    lo = tl.load(lo_ptr + rows * stride_lo, mask=row_mask, other=0.0)
+    hi = tl.load(hi_ptr + rows * stride_hi, mask=row_mask, other=1.0)
+    zero = w * 0.0
+    loss_pol, cpol, _ = pg_token_terms(old + lrs, ent, old, ref, adv, w, zero, zero, lo, hi, ratio_clamp, delta,
+                                       dual_c, beta, kl_clamp, 0.0, tau_pos, tau_neg,
+                                       SURROGATE, GRAD_PRESERVING, KL_NONE, False)
+    loss_loc, cloc, d = pg_token_terms(lp, ent, old, ref, adv, zero, wk, we, lo, hi, ratio_clamp, delta,
+                                       dual_c, beta, kl_clamp, ent_coef, tau_pos, tau_neg,
+                                       SURROGATE, GRAD_PRESERVING, KL, KL_STRAIGHT)
+    tl.store(loss_ptr + rows, loss_pol + loss_loc, mask=row_mask)
+    tl.store(cpol_ptr + rows, cpol, mask=row_mask)
+    tl.store(cloc_ptr + rows, cloc, mask=row_mask)
+    tl.store(d_ptr + rows, d, mask=row_mask)

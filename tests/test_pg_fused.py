@@ -137,6 +137,14 @@ EPILOGUE_CASES = [
     ("cispo", dict(cispo_mode="verl")), ("sapo", dict(beta=0.04, kl_estimator="abs")),
     ("bnpo", dict(beta=0.04, kl_estimator="k3+")), ("dr_grpo", dict(kl_value_clamp=0.01, beta=1.0)), ("nsr", {}),
     ("ngrpo", {}),
+    # sequence-level ratios: statistics kernel, sequence terms kernel between two segment sums, gradient kernel
+    ("gspo", {}), ("gspo_token", {}), ("luspo", {}), ("luspo", dict(luspo_unmasked=True)),
+    ("grpo", dict(importance_sampling_level="sequence", beta=0.04, entropy_coef=0.01)),
+    ("dapo", dict(importance_sampling_level="sequence_token", delta=2.0, beta=0.1, kl_estimator="k2")),
+    ("gspo", dict(dual_clip_c=3.0)),
+    # GMPO: log-space token clip (host), geometric-mean ratio and -A_bar rho in the sequence-terms kernel
+    ("geo_mean", {}), ("geo_mean", dict(beta=0.04, entropy_coef=0.01)), ("geo_mean", dict(epsilon_low=0.05,
+                                                                                          epsilon_high=0.05)),
 ]
 
 
@@ -159,8 +167,8 @@ def test_triton_one_pass_epilogue(loss_type, options, dtype):
     _assert_ok(check_fused_pg(loss_type, impl="triton", dtype=dtype, options=options, chunk_bytes=SMALL_CHUNK))
 
 
-@pytest.mark.parametrize("loss_type,options", [("gspo", {}), ("grpo", dict(importance_sampling_level="sequence")),
-                                               ("grpo", dict(off_policy_mask_threshold=0.5)),
-                                               ("grpo", dict(beta=0.1, kl_bias_correction=True)), ("vespo", {})])
-def test_epilogue_declines_sequence_level_options(loss_type, options):
+@pytest.mark.parametrize("loss_type,options", [("grpo", dict(off_policy_mask_threshold=0.5)),
+                                               ("grpo", dict(beta=0.1, kl_bias_correction=True)), ("vespo", {}),
+                                               ("alol", {}), ("cispo", dict(importance_sampling_level="sequence"))])
+def test_epilogue_declines_what_it_does_not_cover(loss_type, options):
     assert _spec(loss_type, options) is None

@@ -122,7 +122,10 @@ class FusedRun:
             x = torch.mm(h, weight.T)
             if bias is not None:
                 x += bias
-            lp_a, en_a, loss_t = run_epilogue(x, y, t, part, rows, spec)
+            if spec["SEQ"]:
+                lp_a, en_a, loss_t = _sequence_epilogue(x, y, t, part, rows, spec)
+            else:
+                lp_a, en_a, loss_t = run_epilogue(x, y, t, part, rows, spec)
             lp[rows], en[rows] = lp_a.to(work), en_a.to(work)
             total = loss_t.to(work).sum()
             dh_out, dw_acc, db_acc = grad_out
@@ -134,6 +137,20 @@ class FusedRun:
                 db_acc += x.sum(0, dtype=torch.float32)
         _, part_sums = token_loss(part, lp, en, self.cfg)  # metrics only: detached [n] math
         return total, _detached(part_sums), lp, en
+
+
+def _sequence_epilogue(x, y, t, part, rows, spec):
+    """GSPO family on Triton: statistics kernel, the sequence terms (two segment sums around one kernel), then
+    the gradient kernel over the same logits buffer."""
+    from ..logits import launch_triton as logits_kernels
+    from .epilogue import run_sequence_terms
+
+    opts = LogProbOptions(compute_entropy=True, inplace=True)
+    valid = torch.ones_like(y, dtype=torch.bool)
+    lp, ent, m, log_s = logits_kernels.forward(x, y, valid, t, opts)
+    loss, c, d = run_sequence_terms(lp, ent, part, rows, spec)
+    logits_kernels.backward(x, y, valid, t, m, log_s, ent, c, d if spec["ent_coef"] != 0.0 else None, opts)
+    return lp, ent, loss
 
 
 def _detached(sums):

@@ -1,8 +1,10 @@
 """Launcher of the one-pass PG epilogue kernel (kernels/pg_onepass.py) and the rule for when it applies.
 
 It applies to the token-local PPO-clip family (every normaliser, dual clip, delta, GPPO, DCPO bounds), CISPO and
-SAPO, with any KL estimator (without bias correction) and the entropy bonus; other one-pass variants take the
-generic chunk path (per-token coefficients from the loss layer by autograd on the chunk's ``[n]`` scalars).
+SAPO, and to the sequence-level ratios of the clip family (GSPO, GSPO-token, LUSPO, any recipe with
+``importance_sampling_level="sequence"``), with any KL estimator (without bias correction) and the entropy bonus.
+Other one-pass variants take the generic chunk path (per-token coefficients from the loss layer by autograd on the
+chunk's ``[n]`` scalars).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from ..backend import triton_interpreting
 from ..kernel_config import temperature_arg
 from ..losses import PGBatch, PGLossConfig, get_variant, plan_of, resolve
 
-_SURROGATES = {"clipped": 0, "gppo": 0, "clipped_absolute": 0, "cispo": None, "sapo": 3}
+_SURROGATES = {"clipped": 0, "gppo": 0, "clipped_absolute": 0, "cispo": None, "sapo": 3, "geo_mean": 0}
+_GMPO = 3  # SEQ code: GMPO's geometric mean of log-space-clipped token ratios
 _KL = {"k1": 1, "kl": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 4}
 
 
@@ -24,7 +27,11 @@ def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[dict]:
     """Compile-time codes and runtime scalars of the kernel for this config, or None if it does not apply."""
     cfg = resolve(cfg)
     fn = get_variant(cfg.loss_type).fn.__name__
-    if (fn not in _SURROGATES or plan_of(cfg) != "one_pass" or cfg.importance_sampling_level != "token"
+    level = cfg.importance_sampling_level
+    seq = _GMPO if fn == "geo_mean" else {"token": 0, "sequence": 1, "sequence_token": 2}.get(level)
+    if seq is None or (seq in (1, 2) and fn not in ("clipped", "gppo")):
+        return None
+    if (fn not in _SURROGATES or plan_of(cfg) == "two_phase"
             or cfg.off_policy_mask_threshold is not None or cfg.kl_bias_correction or "entropy_mask" in batch.extra
             or cfg.loss_type == "vespo" or (fn == "clipped_absolute" and "lo" not in batch.extra)):
         return None
@@ -35,9 +42,15 @@ def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[dict]:
     if batch.ref_logp is not None and cfg.beta != 0.0:
         kl = _KL[cfg.kl_estimator.rstrip("+")]
     inf = math.inf
+    if seq == _GMPO:  # -A_bar * rho: the clip surrogate with bounds that never bind, at the sequence log-ratio
+        return dict(SEQ=seq, SURROGATE=0, GRAD_PRESERVING=False, KL=kl, KL_STRAIGHT=_straight(cfg),
+                    ratio_clamp=inf if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp), delta=inf,
+                    dual_c=inf, beta=float(cfg.beta), kl_clamp=inf if cfg.kl_value_clamp is None else
+                    float(cfg.kl_value_clamp), ent_coef=float(cfg.entropy_coef), tau_pos=1.0, tau_neg=1.0,
+                    lo=0.0, hi=inf, log_lo=-float(cfg.epsilon_low), log_hi=float(cfg.epsilon_high))
     return dict(
-        SURROGATE=surrogate, GRAD_PRESERVING=fn == "gppo", KL=kl,
-        KL_STRAIGHT=cfg.kl_estimator.endswith("+") and cfg.kl_estimator.rstrip("+") not in ("k2", "mse"),
+        SEQ=seq, SURROGATE=surrogate, GRAD_PRESERVING=fn == "gppo", KL=kl,
+        KL_STRAIGHT=_straight(cfg),
         ratio_clamp=inf if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp),
         delta=inf if cfg.delta is None else float(cfg.delta),
         dual_c=float(cfg.dual_clip_c), beta=float(cfg.beta),
@@ -46,6 +59,10 @@ def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[dict]:
         lo=None if fn == "clipped_absolute" else 1.0 - cfg.epsilon_low,
         hi=None if fn == "clipped_absolute" else (cfg.epsilon_high if surrogate == 1 else 1.0 + cfg.epsilon_high),
     )
+
+
+def _straight(cfg) -> bool:
+    return cfg.kl_estimator.endswith("+") and cfg.kl_estimator.rstrip("+") not in ("k2", "mse")
 
 
 def run_epilogue(x: torch.Tensor, y: torch.Tensor, temp, part: PGBatch, rows: torch.Tensor, spec: dict):
@@ -61,19 +78,13 @@ def run_epilogue(x: torch.Tensor, y: torch.Tensor, temp, part: PGBatch, rows: to
     for extra in (part.token_weights, part.is_weights):
         if extra is not None:
             w = w * extra
-    bounds = []
-    for key in ("lo", "hi"):
-        if spec[key] is None:
-            bounds.append((tok(part.extra[key]), 1))
-        else:
-            bounds.append((torch.full((1,), spec[key], **f32), 0))
-    (lo, s_lo), (hi, s_hi) = bounds
+    (lo, s_lo), (hi, s_hi) = _bounds(spec, part, tok, f32)
     t, stride_t = temperature_arg(temp, n, x.device)
     logp, ent, loss = (torch.empty(n, **f32) for _ in range(3))
     bt, bv = (4, 32) if triton_interpreting() else (1, min(4096, triton.next_power_of_2(vocab)))
     from ..kernels.pg_onepass import _pg_onepass_kernel
 
-    consts = {k: spec[k] for k in ("SURROGATE", "GRAD_PRESERVING", "KL", "KL_STRAIGHT")}
+    consts = {k: spec[k] for k in ("SURROGATE", "GRAD_PRESERVING", "KL", "KL_STRAIGHT")}  # SEQ is host-side
     _pg_onepass_kernel[(triton.cdiv(n, bt),)](
         x, y.contiguous(), t, tok(part.old_logp), tok(part.ref_logp), tok(part.advantages), tok(w),
         tok(part.weights), tok(part.entropy_weights), lo, hi, logp, ent, loss,
@@ -83,3 +94,72 @@ def run_epilogue(x: torch.Tensor, y: torch.Tensor, temp, part: PGBatch, rows: to
         HAS_D=spec["ent_coef"] != 0.0, BT=bt, BV=bv, num_warps=1 if triton_interpreting() else 8, **consts,
     )
     return logp, ent, loss
+
+
+def run_sequence_terms(lp, ent, part: PGBatch, rows: torch.Tensor, spec: dict):
+    """Sequence-level ratio (GSPO family) for one chunk of whole sequences, after its statistics: returns
+    (per-token loss, c, d), each fp32 ``[n]``. The sequence reductions are two segment sums over ``[n]``."""
+    n = lp.shape[0]
+    f32 = dict(dtype=torch.float32, device=lp.device)
+
+    def tok(t: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.zeros(n, **f32) if t is None else t.index_select(0, rows).float().contiguous()
+
+    seg = part.seq_local.index_select(0, rows)
+    mask, old, adv = tok(part.mask), tok(part.old_logp), tok(part.advantages)
+    nseq = part.num_seqs
+    length = torch.zeros(nseq, **f32).index_add_(0, seg, mask).clamp_(min=1.0)
+
+    def seq_mean(x):
+        return (torch.zeros(nseq, **f32).index_add_(0, seg, mask * x) / length).index_select(0, seg)
+
+    lr = lp - old
+    dlr = None
+    if spec["SEQ"] == _GMPO:  # token clip in log space on the side where it binds for the sign of A
+        lr, dlr = _gmpo_clip(lr, adv, spec["log_lo"], spec["log_hi"])
+        adv = seq_mean(adv)
+    lrs = seq_mean(lr)
+    w = part.weights
+    for extra in (part.token_weights, part.is_weights):
+        if extra is not None:
+            w = w * extra
+    (lo, s_lo), (hi, s_hi) = _bounds(spec, part, tok, f32)
+    loss, cpol, cloc, d = (torch.empty(n, **f32) for _ in range(4))
+    from ..kernels.pg_onepass import _pg_seq_terms_kernel
+
+    bt = 16 if triton_interpreting() else 256
+    _pg_seq_terms_kernel[(triton.cdiv(n, bt),)](
+        lp.contiguous(), ent.contiguous(), lrs, old, tok(part.ref_logp), adv, tok(w),
+        tok(part.weights), tok(part.entropy_weights), lo, hi, loss, cpol, cloc, d, n, s_lo, s_hi,
+        spec["ratio_clamp"], spec["delta"], spec["dual_c"], spec["beta"], spec["kl_clamp"], spec["ent_coef"],
+        spec["tau_pos"], spec["tau_neg"], BT=bt,
+        **{k: spec[k] for k in ("SURROGATE", "GRAD_PRESERVING", "KL", "KL_STRAIGHT")},
+    )
+    if spec["SEQ"] in (1, _GMPO):  # d lrs / d lp_t = m_t / |o_i| (times d lr_c / d lp for GMPO)
+        total = torch.zeros(nseq, **f32).index_add_(0, seg, cpol)
+        cpol = (total / length).index_select(0, seg) * mask
+        if dlr is not None:
+            cpol = cpol * dlr
+    return loss, cpol + cloc, d
+
+
+def _gmpo_clip(lr, adv, lo, hi):
+    """GMPO's ``sign(A) min(sign(A) lr, sign(A) clip(lr, lo, hi))`` and its derivative in ``lr`` (torch's
+    conventions: clamp passes the gradient at its bounds, min splits it on ties)."""
+    sgn = torch.sign(adv)
+    clipped = lr.clamp(lo, hi)
+    a, b = sgn * lr, sgn * clipped
+    value = sgn * torch.minimum(a, b)
+    inside = ((lr >= lo) & (lr <= hi)).to(lr.dtype)
+    grad = torch.where(a < b, torch.ones_like(lr), torch.where(b < a, inside, 0.5 * (1.0 + inside)))
+    return value, grad * sgn * sgn
+
+
+def _bounds(spec, part, tok, f32):
+    out = []
+    for key in ("lo", "hi"):
+        if spec[key] is None:
+            out.append((tok(part.extra[key]), 1))
+        else:
+            out.append((torch.full((1,), spec[key], **f32), 0))
+    return out
