@@ -200,8 +200,13 @@ def availability(impl: Impl, device: str, requested: Optional[Sequence[str]], sh
         return "skipped", f"runs on {'/'.join(impl.devices)} only"
     for module in impl.requires:
         if importlib.util.find_spec(module) is None:
-            return "missing", f"module {module!r} not importable (pip install fusedpg[peers])"
+            extra = _EXTRA_OF.get(module.split(".")[0], "peers")
+            return "missing", f"module {module!r} not importable (pip install fusedpg[{extra}])"
     return "run", impl.note
+
+
+#: The extra of pyproject.toml that installs each optional module a case needs.
+_EXTRA_OF = {"transformers": "transformers", "trl": "trl", "datasets": "trl", "peft": "trl", "matplotlib": "bench"}
 
 
 def all_impl_names() -> List[str]:
