@@ -15,10 +15,18 @@ from .steps import TorchStep, TritonStep
 
 def sequence_chunks(offsets: Tuple[int, ...], active: torch.Tensor, max_rows: int) -> List[Tuple[int, int]]:
     """Token ranges ``[lo, hi)`` on sequence boundaries, each holding at most ``max_rows`` active tokens unless a
-    single sequence alone has more (then that sequence is one chunk). One host read of the active counts."""
+    single sequence alone has more (then that sequence is one chunk)."""
+    return _sequence_chunks(offsets, _active_prefix_counts(active), max_rows)
+
+
+def _active_prefix_counts(active: torch.Tensor) -> List[int]:
+    """Active tokens before each position, ``[N + 1]`` on the host: the one host read of the chunk planning."""
+    return torch.cat([active.new_zeros(1, dtype=torch.long), active.long().cumsum(0)]).tolist()
+
+
+def _sequence_chunks(offsets, csum: List[int], max_rows: int) -> List[Tuple[int, int]]:
     if len(offsets) < 2:
         return []
-    csum = torch.cat([active.new_zeros(1, dtype=torch.long), active.long().cumsum(0)]).tolist()
     chunks, lo = [], offsets[0]
     for a, b in zip(offsets[:-1], offsets[1:]):
         if b > lo and csum[b] - csum[lo] > max_rows and a > lo:
@@ -68,8 +76,10 @@ class FusedRun:
             from .epilogue import epilogue_spec
 
             spec = epilogue_spec(cfg, batch)
-        for lo, hi in sequence_chunks(batch.offsets, batch.active, max_rows):
-            idx = torch.nonzero(batch.active[lo:hi]).squeeze(1) + lo
+        csum = _active_prefix_counts(batch.active)
+        active_rows = torch.nonzero(batch.active).squeeze(1)  # once: per-chunk nonzero would sync every chunk
+        for lo, hi in _sequence_chunks(batch.offsets, csum, max_rows):
+            idx = active_rows[csum[lo]:csum[hi]]
             part = batch.slice(lo, hi)
             h, y = hidden.index_select(0, idx), self.targets.index_select(0, idx)
             t = self.temp.index_select(0, idx) if isinstance(self.temp, torch.Tensor) else self.temp
