@@ -36,8 +36,12 @@ def _min_grad(a, b, ga, gb):
 def pg_token_terms(lp, ent, old, ref, adv, w, wk, we, lo, hi,
                    ratio_clamp, delta, dual_c, beta, kl_clamp, ent_coef, tau_pos, tau_neg,
                    SURROGATE: tl.constexpr, GRAD_PRESERVING: tl.constexpr, KL: tl.constexpr,
-                   KL_STRAIGHT: tl.constexpr):
-    """(loss_t, c_t, d_t) of one token: w * policy(lp) + beta * wk * KL(lp, ref) - ent_coef * we * H."""
+                   KL_STRAIGHT: tl.constexpr, KL_BIAS: tl.constexpr = 0):
+    """(loss_t, c_t, d_t) of one token: w * policy(lp) + beta * wk * KL(lp, ref) - ent_coef * we * H.
+
+    KL_BIAS: 0 plain KL; 1 the bias-corrected KL ``r * KL`` (DeepSeek-V3.2) with ``r`` differentiated; 2 with ``r``
+    detached.
+    """
     lr = lp - old
     inside = (lr >= -ratio_clamp) & (lr <= ratio_clamp)
     r = tl.exp2(tl.minimum(tl.maximum(lr, -ratio_clamp), ratio_clamp) * LOG2E)
@@ -93,6 +97,12 @@ def pg_token_terms(lp, ent, old, ref, adv, w, wk, we, lo, hi,
         kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
         if KL_STRAIGHT:
             gk = dk  # the straight-through forms take k2's gradient
+        if KL_BIAS == 1:
+            gk = gk * r + kl * dr
+            kl = kl * r
+        elif KL_BIAS == 2:
+            gk = gk * r
+            kl = kl * r
         loss += beta * wk * kl
         c += beta * wk * gk
     loss -= ent_coef * we * ent
@@ -107,7 +117,7 @@ def _pg_onepass_kernel(
     N, V, stride_n, stride_t, stride_lo, stride_hi,
     ratio_clamp, delta, dual_c, beta, kl_clamp, ent_coef, tau_pos, tau_neg,
     SURROGATE: tl.constexpr, GRAD_PRESERVING: tl.constexpr, KL: tl.constexpr, KL_STRAIGHT: tl.constexpr,
-    HAS_D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    KL_BIAS: tl.constexpr, HAS_D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < N
@@ -126,7 +136,7 @@ def _pg_onepass_kernel(
         tl.load(lo_ptr + rows64 * stride_lo, mask=row_mask, other=0.0).to(tl.float32),
         tl.load(hi_ptr + rows64 * stride_hi, mask=row_mask, other=1.0).to(tl.float32),
         ratio_clamp, delta, dual_c, beta, kl_clamp, ent_coef, tau_pos, tau_neg,
-        SURROGATE, GRAD_PRESERVING, KL, KL_STRAIGHT)
+        SURROGATE, GRAD_PRESERVING, KL, KL_STRAIGHT, KL_BIAS)
     tl.store(logp_ptr + rows64, lp, mask=row_mask)
     tl.store(ent_ptr + rows64, ent, mask=row_mask)
     tl.store(loss_ptr + rows64, loss, mask=row_mask)

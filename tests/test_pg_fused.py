@@ -142,6 +142,10 @@ EPILOGUE_CASES = [
     ("grpo", dict(importance_sampling_level="sequence", beta=0.04, entropy_coef=0.01)),
     ("dapo", dict(importance_sampling_level="sequence_token", delta=2.0, beta=0.1, kl_estimator="k2")),
     ("gspo", dict(dual_clip_c=3.0)),
+    # bias-corrected KL (DeepSeek-V3.2): r * KL with r differentiated or detached
+    ("grpo", dict(beta=0.1, kl_bias_correction=True)),
+    ("dapo", dict(beta=0.1, kl_bias_correction=True, kl_bias_correction_detach=True)),
+    ("cispo", dict(beta=0.04, kl_bias_correction=True, kl_estimator="k1")),
     # GMPO: log-space token clip (host), geometric-mean ratio and -A_bar rho in the sequence-terms kernel
     ("geo_mean", {}), ("geo_mean", dict(beta=0.04, entropy_coef=0.01)), ("geo_mean", dict(epsilon_low=0.05,
                                                                                           epsilon_high=0.05)),
@@ -168,7 +172,7 @@ def test_triton_one_pass_epilogue(loss_type, options, dtype):
 
 
 @pytest.mark.parametrize("loss_type,options", [("grpo", dict(off_policy_mask_threshold=0.5)),
-                                               ("grpo", dict(beta=0.1, kl_bias_correction=True)), ("vespo", {}),
+                                               ("gspo", dict(beta=0.1, kl_bias_correction=True)), ("vespo", {}),
                                                ("alol", {}), ("cispo", dict(importance_sampling_level="sequence"))])
 def test_epilogue_declines_what_it_does_not_cover(loss_type, options):
     assert _spec(loss_type, options) is None

@@ -2,7 +2,8 @@
 
 It applies to the token-local PPO-clip family (every normaliser, dual clip, delta, GPPO, DCPO bounds), CISPO and
 SAPO, and to the sequence-level ratios of the clip family (GSPO, GSPO-token, LUSPO, any recipe with
-``importance_sampling_level="sequence"``), with any KL estimator (without bias correction) and the entropy bonus.
+``importance_sampling_level="sequence"``) and GMPO, with any KL estimator (bias-corrected at token level too) and the
+entropy bonus.
 Other one-pass variants take the generic chunk path (per-token coefficients from the loss layer by autograd on the
 chunk's ``[n]`` scalars).
 """
@@ -32,7 +33,8 @@ def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[dict]:
     if seq is None or (seq in (1, 2) and fn not in ("clipped", "gppo")):
         return None
     if (fn not in _SURROGATES or plan_of(cfg) == "two_phase"
-            or cfg.off_policy_mask_threshold is not None or cfg.kl_bias_correction or "entropy_mask" in batch.extra
+            or cfg.off_policy_mask_threshold is not None or (cfg.kl_bias_correction and seq)
+            or "entropy_mask" in batch.extra
             or cfg.loss_type == "vespo" or (fn == "clipped_absolute" and "lo" not in batch.extra)):
         return None
     surrogate = _SURROGATES[fn]
@@ -49,6 +51,7 @@ def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[dict]:
                     float(cfg.kl_value_clamp), ent_coef=float(cfg.entropy_coef), tau_pos=1.0, tau_neg=1.0,
                     lo=0.0, hi=inf, log_lo=-float(cfg.epsilon_low), log_hi=float(cfg.epsilon_high))
     return dict(
+        KL_BIAS=0 if not (cfg.kl_bias_correction and kl) else (2 if cfg.kl_bias_correction_detach else 1),
         SEQ=seq, SURROGATE=surrogate, GRAD_PRESERVING=fn == "gppo", KL=kl,
         KL_STRAIGHT=_straight(cfg),
         ratio_clamp=inf if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp),
@@ -84,7 +87,7 @@ def run_epilogue(x: torch.Tensor, y: torch.Tensor, temp, part: PGBatch, rows: to
     bt, bv = (4, 32) if triton_interpreting() else (1, min(4096, triton.next_power_of_2(vocab)))
     from ..kernels.pg_onepass import _pg_onepass_kernel
 
-    consts = {k: spec[k] for k in ("SURROGATE", "GRAD_PRESERVING", "KL", "KL_STRAIGHT")}  # SEQ is host-side
+    consts = {k: spec[k] for k in ("SURROGATE", "GRAD_PRESERVING", "KL", "KL_STRAIGHT", "KL_BIAS")}  # SEQ: host
     _pg_onepass_kernel[(triton.cdiv(n, bt),)](
         x, y.contiguous(), t, tok(part.old_logp), tok(part.ref_logp), tok(part.advantages), tok(w),
         tok(part.weights), tok(part.entropy_weights), lo, hi, logp, ent, loss,
