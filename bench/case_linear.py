@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedpg
-from fusedpg.reference import linear_logprob_entropy_reference
+from fusedpg.linear.reference import linear_logprob_entropy_reference
 
 from .registry import Case, Impl, Inputs, Shape, register_case
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import fusedpg
-from fusedpg.reference import logprob_entropy_reference
+from fusedpg.logits.reference import logprob_entropy_reference
 
 from .case_linear import LOGIT_STD, compiled
 from .registry import Case, Impl, Inputs, Shape, register_case

@@ -31,7 +31,7 @@ from typing import Dict, Optional
 import torch
 
 import fusedpg
-from fusedpg.reference import logprob_entropy_reference
+from fusedpg.logits.reference import logprob_entropy_reference
 
 from .registry import Case, Impl, Inputs, register_case
 

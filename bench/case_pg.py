@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedpg
-from fusedpg.pg.reference import fused_linear_pg_loss_reference
+from fusedpg.linear_pg.reference import fused_linear_pg_loss_reference
 
 from .case_linear import LOGIT_STD, _eager_fn as _linear_eager_fn, compiled, flops as linear_flops
 from .registry import GPU_SHAPES, JUDGED_CPU, SMALL_CPU, Case, Impl, Inputs, Shape, register_case

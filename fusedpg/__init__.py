@@ -5,10 +5,10 @@ from .options import LogProbOptions
 
 __version__ = "0.1.0"
 __all__ = ["linear_logprob_entropy", "logprob_entropy", "LogProbOptions", "__version__"]
-from . import advantages, losses
-from .losses import PGLossConfig, pg_loss
-__all__ += ["pg_loss", "PGLossConfig", "losses", "advantages"]
-from .pg import FusedLinearPGLoss, fused_linear_pg_loss, fused_plan
+from . import advantages, objective
+from .objective import PGLossConfig, pg_loss
+__all__ += ["pg_loss", "PGLossConfig", "objective", "advantages"]
+from .linear_pg import FusedLinearPGLoss, fused_linear_pg_loss, fused_plan
 __all__ += ["fused_linear_pg_loss", "FusedLinearPGLoss", "fused_plan"]
 
 # Shared-prefix (Prefix Grouper) attention; fusedpg.prefix imports neither triton nor transformers at import time.

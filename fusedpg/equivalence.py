@@ -10,7 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .reference import linear_logprob_entropy_reference, logprob_entropy_reference
+from .linear.reference import linear_logprob_entropy_reference
+from .logits.reference import logprob_entropy_reference
 from .testing import Comparison, compare
 
 

@@ -34,8 +34,8 @@ def _primitive_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Compa
 
 
 def _pg_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison]]:
-    from .losses import variant_names
-    from .pg.cases import check_fused_pg
+    from .objective import variant_names
+    from .linear_pg.cases import check_fused_pg
 
     for loss_type in variant_names():
         for dtype in dtypes:

@@ -79,6 +79,9 @@ def _worker(rank, init_file, out_dir):
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # gloo's threads sometimes abort the interpreter's teardown after a clean run ("terminate called without an
+    # active exception"); the results are on disk, so leave without running it.
+    os._exit(0)
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

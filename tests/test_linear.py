@@ -6,7 +6,7 @@ import torch
 
 import fusedpg
 from fusedpg.equivalence import LinearCase, check_linear, make_linear_inputs
-from fusedpg.reference import linear_logprob_entropy_reference
+from fusedpg.linear.reference import linear_logprob_entropy_reference
 
 from conftest import DTYPES, GRID, assert_all_ok
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fusedpg.losses import make_config, prepare, resolve
-from fusedpg.losses.aggregation import entropy_weights
+from fusedpg.objective import make_config, prepare, resolve
+from fusedpg.objective.aggregation import entropy_weights
 
 
 def setup(seed=0, B=5, T=6):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.losses import (PGLossConfig, batch_coefficients, finalize_metrics, make_config, merge_metrics, plan_of,
+from fusedpg.objective import (PGLossConfig, batch_coefficients, finalize_metrics, make_config, merge_metrics, plan_of,
                             prepare, token_loss, variant_names)
-from fusedpg.losses.cases import grad_inputs, make_case
+from fusedpg.objective.cases import grad_inputs, make_case
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "seq_ids", "group_ids", "step_ids",
            "token_weights")
@@ -127,5 +127,5 @@ def test_keywords_override_config():
     assert make_config(cfg, epsilon_high=0.5).epsilon_high == 0.5 and cfg.epsilon_high == 0.3
     # defaults are resolved lazily, per variant
     assert make_config(PGLossConfig(loss_type="dapo"), loss_type="grpo").epsilon_high is None
-    assert math.isinf(fusedpg.losses.resolve(PGLossConfig(loss_type="grpo")).dual_clip_c)
-    assert fusedpg.losses.resolve(PGLossConfig(loss_type="ppo")).dual_clip_c == 3.0
+    assert math.isinf(fusedpg.objective.resolve(PGLossConfig(loss_type="grpo")).dual_clip_c)
+    assert fusedpg.objective.resolve(PGLossConfig(loss_type="ppo")).dual_clip_c == 3.0

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.losses import variant_names
-from fusedpg.losses.cases import grad_inputs, make_case
+from fusedpg.objective import variant_names
+from fusedpg.objective.cases import grad_inputs, make_case
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "group_ids", "step_ids", "token_weights", "seq_ids")
 ALL_TERMS = dict(beta=0.1, entropy_coef=0.05)
@@ -94,7 +94,7 @@ def test_extreme_log_ratios_stay_finite(loss_type, sign):
 
 
 def get_ratio(loss_type):
-    return fusedpg.losses.get_variant(loss_type).ratio
+    return fusedpg.objective.get_variant(loss_type).ratio
 
 
 def test_clamp_zeroes_the_gradient_beyond_it_and_none_reproduces_trl_overflow():
@@ -130,9 +130,9 @@ def test_empty_inputs():
 
 def test_empty_rows_count_in_trl_grpo_but_not_in_verl_seq_mean():
     t, _ = make_case("grpo", seed=10, batch=4, empty_rows=2)
-    _, _, b_trl = None, None, fusedpg.losses.prepare(t["advantages"], t["mask"], old_logp=t["old_logp"],
+    _, _, b_trl = None, None, fusedpg.objective.prepare(t["advantages"], t["mask"], old_logp=t["old_logp"],
                                                      loss_type="grpo")
-    b_verl = fusedpg.losses.prepare(t["advantages"], t["mask"], old_logp=t["old_logp"], loss_type="grpo",
+    b_verl = fusedpg.objective.prepare(t["advantages"], t["mask"], old_logp=t["old_logp"], loss_type="grpo",
                                     aggregation="seq-mean-token-mean")
     torch.testing.assert_close(b_trl.weights.sum(), torch.tensor(0.5, dtype=torch.float64))  # 2 of 4 rows
     torch.testing.assert_close(b_verl.weights.sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-7, rtol=0)

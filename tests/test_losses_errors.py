@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.losses import PGLossConfig, prepare, token_loss, variant_names
-from fusedpg.losses.cases import make_case
+from fusedpg.objective import PGLossConfig, prepare, token_loss, variant_names
+from fusedpg.objective.cases import make_case
 
 
 @pytest.fixture

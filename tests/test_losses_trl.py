@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.losses.trl_semantics import TRL_LOSS_TYPES, TRLArgs, pg_loss_options, trl_compute_loss
+from fusedpg.objective.trl_semantics import TRL_LOSS_TYPES, TRLArgs, pg_loss_options, trl_compute_loss
 
 METRIC_NAMES = {"kl": "kl", "entropy": "entropy", "clip_ratio/low_mean": "clip_low",
                 "clip_ratio/high_mean": "clip_high", "clip_ratio/region_mean": "clip_region",

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.losses import batch_coefficients, make_config, plan_of, prepare, resolve, token_loss, variant_names
-from fusedpg.losses.cases import grad_inputs, make_case
-from fusedpg.losses.core import kl_estimate
-from fusedpg.losses.shaping import gtpo_token_weights
+from fusedpg.objective import batch_coefficients, make_config, plan_of, prepare, resolve, token_loss, variant_names
+from fusedpg.objective.cases import grad_inputs, make_case
+from fusedpg.objective.core import kl_estimate
+from fusedpg.objective.shaping import gtpo_token_weights
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "group_ids", "step_ids", "token_weights")
 
@@ -278,12 +278,12 @@ def test_gtpo_token_weights():
 
 
 def test_adaptive_entropy_coefficient():
-    ctl = fusedpg.losses.AdaptiveEntropyCoef(init=0.01, target=0.2, step=0.005)
+    ctl = fusedpg.objective.AdaptiveEntropyCoef(init=0.01, target=0.2, step=0.005)
     assert ctl.coef == 0.0  # no measured window yet (TRL starts with inf entropy)
     ctl.observe(1.0, 10)  # mean 0.1 <= target: raise
     assert ctl.step() == pytest.approx(0.015) and ctl.coef == pytest.approx(0.015)
     ctl.observe(5.0, 10)  # 0.5 > target: lower, and the bonus is off for the next window
     assert ctl.step() == pytest.approx(0.01) and ctl.coef == 0.0
-    other = fusedpg.losses.AdaptiveEntropyCoef()
+    other = fusedpg.objective.AdaptiveEntropyCoef()
     other.load_state_dict(ctl.state_dict())
     assert other.state_dict() == ctl.state_dict()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.losses import variant_names
-from fusedpg.pg.cases import check_fused_pg, fused_inputs
+from fusedpg.objective import variant_names
+from fusedpg.linear_pg.cases import check_fused_pg, fused_inputs
 
 IMPLS = ["torch", "triton"]
 ALL = variant_names()
@@ -153,8 +153,8 @@ EPILOGUE_CASES = [
 
 
 def _spec(loss_type, options):
-    from fusedpg.losses import make_config, prepare
-    from fusedpg.pg.epilogue import epilogue_spec
+    from fusedpg.objective import make_config, prepare
+    from fusedpg.linear_pg.epilogue import epilogue_spec
 
     x = fused_inputs(loss_type)
     cfg = make_config(None, loss_type, **{**x["options"], **options})

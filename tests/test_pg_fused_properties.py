@@ -4,8 +4,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fusedpg.losses import make_config, variant_names
-from fusedpg.pg.cases import check_fused_pg, fused_inputs
+from fusedpg.objective import make_config, variant_names
+from fusedpg.linear_pg.cases import check_fused_pg, fused_inputs
 
 OPTIONS = st.fixed_dictionaries({}, optional={
     "beta": st.sampled_from([0.0, 0.04, 0.5]),

@@ -16,7 +16,7 @@ from fusedpg.equivalence import LinearCase, check_linear, check_logits, make_lin
 from fusedpg.kernel_config import tile_config
 from fusedpg.linear.function import LinearLogprobEntropyFunction
 from fusedpg.options import LogProbOptions
-from fusedpg.reference import linear_logprob_entropy_reference
+from fusedpg.linear.reference import linear_logprob_entropy_reference
 
 from conftest import BACKENDS, DTYPES, HAS_CUDA, assert_all_ok
 

@@ -277,7 +277,7 @@ _OPTIONAL = ("old_logp", "ref_logp", "bias", "seq_ids", "rollout_logp", "is_weig
 @torch._dynamo.assume_constant_result
 def config_key(config=None, loss_type=None, **options) -> str:
     """A JSON string naming the resolved :class:`fusedpg.PGLossConfig` (the op's only non-tensor loss argument)."""
-    from ..losses import make_config
+    from ..objective import make_config
 
     cfg = make_config(config, loss_type, **options)
     return json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, sort_keys=True)
@@ -285,7 +285,7 @@ def config_key(config=None, loss_type=None, **options) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _config_of(key: str):
-    from ..losses import PGLossConfig
+    from ..objective import PGLossConfig
 
     return PGLossConfig(**json.loads(key))
 
@@ -306,7 +306,7 @@ def _fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    plan: str, need_h: bool, need_w: bool, need_b: bool,
                    token_stats: bool) -> List[torch.Tensor]:
     """-> [loss (0-dim), metrics (len(METRIC_KEYS)), dh, dW, db, logp, entropy] (unneeded entries empty)."""
-    from ..pg import fused_linear_pg_loss
+    from ..linear_pg import fused_linear_pg_loss
 
     cfg = _config_of(config)
     floats = (advantages, old_logp, ref_logp, rollout_logp, is_weights, old_entropy, token_weights)

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from ..linear import linear_logprob_entropy
-from ..pg import fused_linear_pg_loss
+from ..linear_pg import fused_linear_pg_loss
 
 __all__ = ["LigerFusedLinearGRPOLoss", "liger_options", "LIGER_LOSS_TYPES"]
 

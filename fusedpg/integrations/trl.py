@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 
 from ..linear import linear_logprob_entropy
-from ..pg import fused_linear_pg_loss
+from ..linear_pg import fused_linear_pg_loss
 
 try:  # optional dependency: the module imports without TRL, the trainer class needs it
     from trl import GRPOTrainer as _GRPOTrainer

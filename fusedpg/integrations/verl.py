@@ -49,7 +49,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..linear import linear_logprob_entropy
-from ..losses import PGLossConfig, pg_loss
+from ..objective import PGLossConfig, pg_loss
 
 __all__ = ["POLICY_LOSSES", "make_policy_loss", "verl_options", "as_tuple_loss", "register", "linear_cross_entropy",
            "VERL_LOSS_NAMES"] + [f"compute_policy_loss_{n}" for n in

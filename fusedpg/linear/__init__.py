@@ -8,7 +8,7 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..options import LogProbOptions
-from ..reference import linear_logprob_entropy_reference
+from .reference import linear_logprob_entropy_reference
 from .function import LinearLogprobEntropyFunction
 
 __all__ = ["linear_logprob_entropy"]

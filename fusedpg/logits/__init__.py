@@ -8,7 +8,7 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..options import LogProbOptions
-from ..reference import logprob_entropy_reference
+from .reference import logprob_entropy_reference
 from .function import LogprobEntropyFunction
 
 __all__ = ["logprob_entropy"]

@@ -1,12 +1,12 @@
-"""Reference of the fused PG loss: the materialised head of ``fusedpg.reference`` followed by ``pg_loss``."""
+"""Reference of the fused PG loss: the materialised head of ``fusedpg.linear.reference`` followed by ``pg_loss``."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from ..losses import pg_loss
-from ..reference import linear_logprob_entropy_reference
+from ..objective import pg_loss
+from ..linear.reference import linear_logprob_entropy_reference
 
 
 def fused_linear_pg_loss_reference(hidden, weight, targets, advantages, mask, *, bias=None, temperature=1.0,

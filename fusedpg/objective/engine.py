@@ -211,7 +211,7 @@ def pg_loss(
     Returns:
         ``(loss, metrics)``: the scalar loss to backpropagate on this rank for this micro-step, and a dict of
         0-dim tensors: means (``clip_low``, ``ppo_kl``, ``kl``, ``entropy``, ``ratio_mean`` ...) plus the raw
-        mergeable sums/counts (``*_sum``, ``tokens``, ``clip_count`` ...). See ``fusedpg.losses.metrics``.
+        mergeable sums/counts (``*_sum``, ``tokens``, ``clip_count`` ...). See ``fusedpg.objective.metrics``.
     """
     cfg = make_config(config, loss_type, **options)
     checks.tensor("mask", mask)

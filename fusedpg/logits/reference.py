@@ -1,8 +1,7 @@
-"""Plain-torch references: they define what every kernel must compute.
+"""Plain-torch reference of ``logprob_entropy``: it defines what every log-prob kernel must compute.
 
-``logprob_entropy_reference`` is the definition (float64 by default); ``linear_logprob_entropy_reference`` adds
-the LM head in front. With ``dtype=None`` they run the way trainers do today (logits at the input dtype, then
-upcast to fp32), which is the ``torch_D`` term of the tolerance model and the benchmark's eager baseline.
+float64 by default; with ``dtype=None`` it runs the way trainers do today (fp32 upcast), which is the ``torch_D``
+term of the tolerance model (``fusedpg/verification/tolerance.py``) and the benchmark's eager baseline.
 """
 from __future__ import annotations
 
@@ -40,26 +39,3 @@ def logprob_entropy_reference(
     entropy = -(p * safe).sum(-1)
     zero = torch.zeros((), dtype=work, device=z.device)
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
-
-
-def linear_logprob_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    temperature: Union[float, torch.Tensor] = 1.0,
-    ignore_index: int = -100,
-    dtype: Optional[torch.dtype] = torch.float64,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """hidden ``[..., H]``, weight ``[V, H]``, targets ``[...]`` -> (logp, entropy), each ``[...]``.
-
-    Equivalent to ``logprob_entropy_reference(hidden @ weight.T + bias, ...)``. With a ``dtype`` the head runs
-    in that dtype; with ``dtype=None`` it runs at the input dtype (materialising the logits, as trainers do).
-    """
-    if dtype is not None:
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return logprob_entropy_reference(logits, targets, temperature, ignore_index, dtype)

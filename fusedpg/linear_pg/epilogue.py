@@ -17,7 +17,7 @@ import triton
 
 from ..backend import triton_interpreting
 from ..kernel_config import temperature_arg
-from ..losses import PGBatch, PGLossConfig, get_variant, plan_of, resolve
+from ..objective import PGBatch, PGLossConfig, get_variant, plan_of, resolve
 
 _SURROGATES = {"clipped": 0, "gppo": 0, "clipped_absolute": 0, "cispo": None, "sapo": 3, "geo_mean": 0}
 _GMPO = 3  # SEQ code: GMPO's geometric mean of log-space-clipped token ratios

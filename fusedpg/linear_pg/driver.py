@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..losses import PGBatch, PGLossConfig, merge_metrics, token_loss
+from ..objective import PGBatch, PGLossConfig, merge_metrics, token_loss
 from ..options import LogProbOptions
 from ..softmax_math import rows_per_chunk
 from .steps import TorchStep, TritonStep

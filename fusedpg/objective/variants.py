@@ -259,7 +259,7 @@ def _gtpo_old(batch, cfg):
 def gtpo(ctx) -> Surrogate:
     """GTPO (§4.16): REINFORCE with ratio ``exp(logp - sg(logp))`` (value 1) and ``A_hat`` shaped by the
     sequence's mean entropy; conflict weights ``delta/n_conf`` come in as ``token_weights``
-    (``fusedpg.losses.gtpo_token_weights``)."""
+    (``fusedpg.objective.gtpo_token_weights``)."""
     a = ctx.A
     if ctx.cfg.shaping_entropy == "current":
         a = selection.seq_entropy_shaped_advantage(a, ctx.seg.bcast(ctx.seg.masked_mean(ctx.H.detach())), ctx.cfg)

@@ -9,7 +9,7 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..linear import linear_logprob_entropy
-from ..losses import (PGLossConfig, batch_coefficients, finalize_metrics, make_config, plan_of, prepare,
+from ..objective import (PGLossConfig, batch_coefficients, finalize_metrics, make_config, plan_of, prepare,
                       token_loss)
 from ..options import LogProbOptions
 from .driver import FusedLinearPGLossFunction, FusedRun
@@ -68,7 +68,7 @@ def fused_linear_pg_loss(
         chunk_bytes: budget of one chunk's ``[rows, V]`` buffer (default: the LogProbOptions defaults).
         plan: ``None`` (automatic, see :func:`fused_plan`) or ``"two_phase"`` to force the recompute plan.
         rollout_logp, is_weights, old_entropy, group_ids, step_ids, token_weights, truncated: as in
-            :func:`fusedpg.losses.prepare`, for the variants that use them.
+            :func:`fusedpg.objective.prepare`, for the variants that use them.
 
     Returns:
         ``(loss, metrics)``: the scalar loss (differentiable w.r.t. hidden, weight, bias) and the metric dict of

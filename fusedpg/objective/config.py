@@ -40,7 +40,7 @@ class PGLossConfig:
     """Options of ``pg_loss`` / ``prepare`` / ``token_loss``. See fusedpg/losses/README.md for the formulas.
 
     Variant and clipping
-        loss_type: a registered variant (``fusedpg.losses.variant_names()``).
+        loss_type: a registered variant (``fusedpg.objective.variant_names()``).
         epsilon_low, epsilon_high: clip range ``[1 - eps_low, 1 + eps_high]``; GMPO uses them in log space,
             CISPO (``cispo_mode="trl"``) uses ``epsilon_high`` as the absolute cap. ``None``: recipe default.
         dual_clip_c: dual-clip bound ``c > 1`` for ``A < 0``; ``math.inf`` is off; ``None``: recipe default.
@@ -56,7 +56,7 @@ class PGLossConfig:
         kl_bias_correction_detach (detach ``coef_1``; the paper's choice is unconfirmed, TRL does not detach).
     Entropy (§3.3-3.4)
         entropy_coef: static bonus coefficient alpha (``L -= alpha * H_hat``); the adaptive controller is trainer
-            state (``fusedpg.losses.AdaptiveEntropyCoef``).
+            state (``fusedpg.objective.AdaptiveEntropyCoef``).
         top_entropy_quantile: keep tokens in the top rho fraction of current entropy (1.0 = off);
         top_entropy_mode: ``"trl"`` (global quantile, ties kept, full denominator, policy term only) or
             ``"original"`` (top-k of ceil(rho N), selected-token denominator for every term).

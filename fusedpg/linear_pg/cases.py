@@ -6,8 +6,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..losses.cases import make_case
-from ..reference import linear_logprob_entropy_reference
+from ..objective.cases import make_case
+from ..linear.reference import linear_logprob_entropy_reference
 from ..testing import Comparison, compare
 from .reference import fused_linear_pg_loss_reference
 
