@@ -41,7 +41,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 
 
 def flops(shape: Shape, mode: str):
-    """Useful FLOPs: 2NHV for the logits GEMM, 4NHV for the two gradient GEMMs (peers.md §4.3)."""
+    """Useful FLOPs: 2NHV for the logits GEMM, 4NHV for the two gradient GEMMs (docs/math.md#flop-accounting)."""
     nhv = float(shape.n) * shape.h * shape.v
     return {"fwd": 2 * nhv, "fwd-nograd": 2 * nhv, "bwd": 4 * nhv, "fwd+bwd": 6 * nhv}.get(mode)
 

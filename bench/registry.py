@@ -66,7 +66,8 @@ class Shape:
 
 #: The CPU target of the foundation issue: ours <= 1.2x eager time and <= 1/3 of eager's peak memory above inputs.
 JUDGED_CPU = Shape(4096, 1024, 32000)
-#: The GPU shapes of peers.md §3.2 (S1, S2, S3) and a memory-stress shape that materialised logits cannot hold.
+#: The GPU shapes S1, S2, S3 (docs/peers.md#reference-shapes) and a memory-stress shape that materialised logits
+#: cannot hold.
 GPU_SHAPES = (Shape(8192, 4096, 151936), Shape(16384, 2048, 151936), Shape(8192, 4096, 128256),
               Shape(32768, 5120, 152064))
 #: A small shape every NxHxV case also runs by default on CPU (seconds, not minutes).

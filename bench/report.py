@@ -197,10 +197,10 @@ TARGETS = (
     Target("cpu", "linear", "4096x1024x32000", "fp32", "fwd+bwd", "mem_ratio", 1 / 3, "foundation issue"),
     Target("cpu", "pg", "4096x1024x32000:dapo", "fp32", "fwd+bwd", "time_ratio", 1.2, "PG-loss issue"),
     Target("cpu", "pg", "4096x1024x32000:dapo", "fp32", "fwd+bwd", "mem_ratio", 1 / 3, "PG-loss issue"),
-    # peers.md §3.5, recompute design, bf16, H100/H200.
-    *(Target("cuda", "linear", s, "bf16", "fwd+bwd", "ms", b, "peers.md §3.5")
+    # docs/peers.md#gpu-targets, recompute design, bf16, H100/H200.
+    *(Target("cuda", "linear", s, "bf16", "fwd+bwd", "ms", b, "docs/peers.md#gpu-targets")
       for s, b in (("8192x4096x151936", 60), ("16384x2048x151936", 64), ("8192x4096x128256", 50))),
-    *(Target("cuda", "linear", s, "bf16", "fwd", "ms", b, "peers.md §3.5")
+    *(Target("cuda", "linear", s, "bf16", "fwd", "ms", b, "docs/peers.md#gpu-targets")
       for s, b in (("8192x4096x151936", 16), ("16384x2048x151936", 17), ("8192x4096x128256", 14))),
 )
 _METRIC_TEXT = {"time_ratio": "time ours/eager", "mem_ratio": "peak memory ours/eager", "ms": "ours median ms"}

@@ -1,4 +1,5 @@
-"""Advantage estimators (losses.md §5): one value per sequence, computed under no-grad before the loss.
+"""Advantage estimators: one value per sequence, computed under no-grad before the loss (sources and the choices
+made where trainers differ: docs/losses.md#advantage-estimators).
 
 Groups are segment reductions over explicit ``group_ids`` (any order, ragged sizes) or contiguous
 ``group_sizes``; nothing assumes a fixed G. Standard deviations are unbiased (Bessel, only when n > 1). Batch
@@ -60,8 +61,9 @@ class _Stats:
 @torch.no_grad()
 def group_normalized_advantages(rewards, group_ids=None, *, group_sizes=None, scale: str = "group",
                                 eps: float = 1e-6, singleton: str = "reward") -> torch.Tensor:
-    """GRPO (§5.1): ``(R - mean_g) / (std + eps)``; ``scale`` = ``"group"`` (std per group), ``"batch"`` (std over
-    the batch, mean per group: TRL ``scale_rewards="batch"``) or ``"none"`` (Dr.GRPO, §5.2).
+    """GRPO (docs/losses.md#group-normalised-grpo): ``(R - mean_g) / (std + eps)``; ``scale`` =
+    ``"group"`` (std per group), ``"batch"`` (std over the batch, mean per group: TRL ``scale_rewards="batch"``) or
+    ``"none"`` (Dr.GRPO, docs/losses.md#group-mean-baseline-drgrpo).
 
     verl: ``eps=1e-6, singleton="reward"`` (a group of one gets mean 0, std 1, so ``A = R``). TRL:
     ``eps=1e-4, singleton="zero"``. NaN (unscorable) rewards are left out of every statistic and get ``A = 0``.
@@ -87,15 +89,15 @@ def group_normalized_advantages(rewards, group_ids=None, *, group_sizes=None, sc
 
 
 def dr_grpo_advantages(rewards, group_ids=None, *, group_sizes=None, singleton: str = "reward") -> torch.Tensor:
-    """Dr.GRPO (§5.2): ``R - mean_g``, no std."""
+    """Dr.GRPO (docs/losses.md#group-mean-baseline-drgrpo): ``R - mean_g``, no std."""
     return group_normalized_advantages(rewards, group_ids, group_sizes=group_sizes, scale="none",
                                        singleton=singleton)
 
 
 @torch.no_grad()
 def rloo_advantages(rewards, group_ids=None, *, group_sizes=None, singleton: str = "zero") -> torch.Tensor:
-    """RLOO (§5.3): ``R - mean of the others = n/(n-1) (R - mean_g)``. A group of one gets ``0`` (``"zero"``) or
-    ``R`` (``"reward"``, verl). The choice is explicit because the libraries differ."""
+    """RLOO (docs/losses.md#rloo): ``R - mean of the others = n/(n-1) (R - mean_g)``. A group of one gets ``0``
+    (``"zero"``) or ``R`` (``"reward"``, verl). The choice is explicit because the libraries differ."""
     r = _rewards(rewards)
     if singleton not in ("reward", "zero"):
         raise ValueError(f"singleton must be 'reward' or 'zero', got {singleton!r}")
@@ -109,7 +111,8 @@ def rloo_advantages(rewards, group_ids=None, *, group_sizes=None, singleton: str
 @torch.no_grad()
 def bnpo_advantages(rewards, group_ids=None, *, group_sizes=None,
                     reward_range: Optional[Tuple[float, float]] = None) -> torch.Tensor:
-    """BNPO Beta normalisation (§5.4): ``clamp(1/f_Beta(p_g; alpha, beta), 0, 1e6) * (R~ - p_g)``.
+    """BNPO Beta normalisation (docs/losses.md#bnpo-beta-normalisation):
+    ``clamp(1/f_Beta(p_g; alpha, beta), 0, 1e6) * (R~ - p_g)``.
 
     ``R~`` rescales rewards to [0, 1] with ``reward_range`` (default: the batch min and max; a constant batch
     gives ``R~ = 0``). ``p_g`` is the group mean of ``R~`` (0 for a group of one); alpha and beta are
@@ -137,8 +140,8 @@ def bnpo_advantages(rewards, group_ids=None, *, group_sizes=None,
 @torch.no_grad()
 def ngrpo_advantages(rewards, group_ids=None, *, group_sizes=None, virtual_max: float = 1.0,
                      num_virtual: int = 1, eps: float = 1e-6) -> torch.Tensor:
-    """NGRPO (§5.5): statistics over each group plus ``num_virtual`` copies of ``virtual_max``;
-    ``(R - mean') / (std' + eps)``; a group of one gets mean 0, std 1."""
+    """NGRPO (docs/losses.md#ngrpo-virtual-maximum-reward): statistics over each group plus ``num_virtual``
+    copies of ``virtual_max``; ``(R - mean') / (std' + eps)``; a group of one gets mean 0, std 1."""
     r = _rewards(rewards)
     g, num = _groups(r.numel(), group_ids, group_sizes, r.device)
     z = torch.zeros(num, dtype=r.dtype, device=r.device)
@@ -156,7 +159,8 @@ def ngrpo_advantages(rewards, group_ids=None, *, group_sizes=None, virtual_max: 
 @torch.no_grad()
 def gpg_advantages(rewards, group_ids=None, *, group_sizes=None, f_norm: float = 1.0,
                    alpha: Optional[float] = None) -> torch.Tensor:
-    """GPG (§5.8): ``alpha (R - mean_g) / f_norm`` with verl's ``alpha = B / max(count_nonzero(R), 1)``.
+    """GPG (docs/losses.md#gpg-scaling): ``alpha (R - mean_g) / f_norm`` with verl's
+    ``alpha = B / max(count_nonzero(R), 1)``.
     [unconfirmed] the paper's ``B / (B - M)`` (M = zero-gradient samples) may be the intended alpha; pass it.
     A group of one uses mean 0 (verl)."""
     r = _rewards(rewards)
@@ -170,9 +174,9 @@ def gpg_advantages(rewards, group_ids=None, *, group_sizes=None, f_norm: float =
 @torch.no_grad()
 def normalize_then_sum(rewards_per_func, group_ids=None, *, group_sizes=None, weights=None,
                        eps: float = 1e-4) -> torch.Tensor:
-    """TRL ``multi_objective_aggregation="normalize_then_sum"`` (§5.1): normalise each reward function per group
-    (NaN-aware), take the weighted sum, normalise that over the batch. Rows where every function is NaN
-    (unscorable) get 0."""
+    """TRL ``multi_objective_aggregation="normalize_then_sum"`` (docs/losses.md#group-normalised-grpo): normalise
+    each reward function per group (NaN-aware), take the weighted sum, normalise that over the batch. Rows where
+    every function is NaN (unscorable) get 0."""
     checks.floating("rewards_per_func", rewards_per_func)
     if rewards_per_func.dim() != 2:
         raise ValueError(f"rewards_per_func must be [n, K], got {checks._describe(rewards_per_func)}")
@@ -192,7 +196,8 @@ def normalize_then_sum(rewards_per_func, group_ids=None, *, group_sizes=None, we
 
 def dapo_overlong_penalty(lengths: torch.Tensor, max_length: int = 20480, buffer: int = 4096,
                           factor: float = 1.0) -> torch.Tensor:
-    """DAPO soft overlong punishment (§4.4), added to the reward: ``min(-(|o| - (L_max - L_buf)) / L_buf * f, 0)``
+    """DAPO soft overlong punishment (docs/losses.md#dapo), added to the reward:
+    ``min(-(|o| - (L_max - L_buf)) / L_buf * f, 0)``
     (0 for short responses, down to ``-f`` at ``L_max``; the paper gives ``-f`` beyond ``L_max`` too)."""
     x = lengths.to(torch.float64) if not lengths.dtype.is_floating_point else lengths
     return (-(x - (max_length - buffer)) / buffer * factor).clamp(min=-factor, max=0.0)
@@ -200,8 +205,8 @@ def dapo_overlong_penalty(lengths: torch.Tensor, max_length: int = 20480, buffer
 
 @torch.no_grad()
 def zero_variance_groups(rewards, group_ids=None, *, group_sizes=None) -> torch.Tensor:
-    """DAPO dynamic sampling (§4.4): a bool per sequence, True where its group's rewards are all equal (those
-    groups carry no GRPO signal and are dropped upstream)."""
+    """DAPO dynamic sampling (docs/losses.md#dapo): a bool per sequence, True where its group's rewards are all
+    equal (those groups carry no GRPO signal and are dropped upstream)."""
     r = _rewards(rewards)
     g, num = _groups(r.numel(), group_ids, group_sizes, r.device)
     z = torch.full((num,), float("inf"), dtype=r.dtype, device=r.device)
@@ -211,7 +216,8 @@ def zero_variance_groups(rewards, group_ids=None, *, group_sizes=None) -> torch.
 
 
 def psr_nsr_advantages(rewards: torch.Tensor, mode: str, positive_weight: float = 0.1) -> torch.Tensor:
-    """PSR / NSR / W-REINFORCE (§4.13) from binary rewards: ``R``, ``R - 1``, or ``lambda`` / ``-1``."""
+    """PSR / NSR / W-REINFORCE (docs/losses.md#psr-nsr-and-w-reinforce) from binary rewards: ``R``, ``R - 1``, or
+    ``lambda`` / ``-1``."""
     if mode == "psr":
         return rewards.clone()
     if mode == "nsr":
@@ -224,7 +230,8 @@ def psr_nsr_advantages(rewards: torch.Tensor, mode: str, positive_weight: float 
 @torch.no_grad()
 def empg_advantages(advantages, entropy, mask, seq_ids=None, step_ids=None, *, k: float = 1.0,
                     k_future: float = 1.0, zeta: float = 0.1) -> torch.Tensor:
-    """EMPG (§4.18) [unconfirmed]: ``A_mod = g(H^_s) A + zeta f(H^_{s+1})`` on every token of step ``s``.
+    """EMPG (docs/losses.md#empg) [unconfirmed]: ``A_mod = g(H^_s) A + zeta f(H^_{s+1})`` on every token of
+    step ``s``.
 
     A step is one assistant turn (``step_ids``, per token; default: the whole sequence). ``H_s`` is the step's
     mean entropy (old policy in the paper), min-max normalised over the batch's non-empty steps;
@@ -270,7 +277,8 @@ def _keys(prompt_ids) -> list:
 
 
 class SPOTracker:
-    """SPO Beta value tracker (§5.6): one response per prompt and a persistent ``(alpha, beta)`` per prompt.
+    """SPO Beta value tracker (docs/losses.md#spo-value-tracker): one response per prompt and a persistent
+    ``(alpha, beta)`` per prompt.
 
     ``advantages(ids, rewards)`` -> ``R - alpha/(alpha+beta)`` standardised over the batch (unbiased std + 1e-8);
     ``update(ids, rewards, divergence)`` applies ``alpha <- rho alpha + R``, ``beta <- rho beta + (1 - R)`` with
@@ -323,7 +331,8 @@ class SPOTracker:
 
 
 class DCPOSmoothAdvantage:
-    """DCPO smooth advantage standardisation (SAS, §5.7), stateful per prompt.
+    """DCPO smooth advantage standardisation (SAS, docs/losses.md#dcpo-smooth-advantage-standardisation), stateful
+    per prompt.
 
     Each call sees the groups of a step (``prompt_ids``: one id per response; a prompt's responses form its
     group). Per prompt: merge the step's mean and unbiased std into running totals (each visit one unit),

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .compile_support import constant_result
+
 IMPLS = ("triton", "torch", "reference")
 _log = logging.getLogger("fusedpg")
 _announced: set = set()
@@ -21,22 +23,28 @@ def triton_interpreting() -> bool:
 
 def resolve_impl(impl: str | None, device: torch.device) -> str:
     """Return the implementation name for tensors on ``device``; raise ``ValueError`` for unusable choices."""
+    return _resolve(impl, device.type)
+
+
+# A constant of the traced graph under torch.compile (its environment read and log line stay out of the graph).
+@constant_result
+def _resolve(impl: str | None, device_type: str) -> str:
     source = "impl="
     if impl is None or impl == "auto":
         env = os.environ.get("FUSEDPG_IMPL", "").strip().lower()
         if env and env != "auto":
             impl, source = env, "FUSEDPG_IMPL"
         else:
-            impl, source = ("triton" if device.type == "cuda" else "torch"), "default"
+            impl, source = ("triton" if device_type == "cuda" else "torch"), "default"
     if impl not in IMPLS:
         raise ValueError(f"{source} must be one of {IMPLS} or 'auto', got {impl!r}")
-    if impl == "triton" and device.type != "cuda" and not triton_interpreting():
+    if impl == "triton" and device_type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"{source}='triton' needs CUDA tensors or TRITON_INTERPRET=1 (the CPU interpreter), "
-            f"got tensors on {device}"
+            f"got tensors on {device_type}"
         )
-    key = (impl, device.type, source)
+    key = (impl, device_type, source)
     if key not in _announced:
         _announced.add(key)
-        _log.info("fusedpg: using impl %r on %s (%s)", impl, device.type, source)
+        _log.info("fusedpg: using impl %r on %s (%s)", impl, device_type, source)
     return impl

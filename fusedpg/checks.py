@@ -6,6 +6,8 @@ from typing import Optional, Union
 
 import torch
 
+from .temperature import Temperature
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,14 +45,15 @@ def same_dtype(name: str, value: torch.Tensor, other_name: str, other: torch.Ten
         raise TypeError(f"{name} must have the dtype of {other_name} ({other.dtype}), got {value.dtype}")
 
 
-def temperature(value, lead_shape: torch.Size, device: torch.device) -> Union[float, torch.Tensor]:
-    """A positive finite float, or a floating tensor of ``lead_shape`` (or broadcastable scalar) of positive
-    finite values. Returns a float or a detached fp32 tensor flattened to ``[N]``."""
+def temperature(value, lead_shape: torch.Size, device: torch.device) -> Temperature:
+    """A positive finite float, or a floating tensor of ``lead_shape`` (or one element). Returns the one form used
+    past the boundary: a ``Temperature`` holding the float or a detached fp32 ``[N]`` tensor. Only metadata is
+    checked here; the values of a tensor are checked inside the op (``temperature_values``), where a host read
+    does not break a compiled graph."""
     if isinstance(value, torch.Tensor):
         floating("temperature", value)
-        same_device("temperature", value, "hidden", torch.empty(0, device=device))
-        if value.dim() == 0:
-            value = value.reshape(1)
+        if value.device != torch.device(device):
+            raise ValueError(f"temperature must be on the same device as hidden ({device}), got {value.device}")
         n = math.prod(lead_shape)
         if value.numel() == 1:
             flat = value.detach().float().reshape(1).expand(n)
@@ -61,16 +64,21 @@ def temperature(value, lead_shape: torch.Size, device: torch.device) -> Union[fl
                 f"temperature must be a float or a tensor of the leading shape {tuple(lead_shape)}, "
                 f"got {_describe(value)}"
             )
-        if flat.numel() and not bool(((flat > 0) & torch.isfinite(flat)).all()):
-            bad = flat[~((flat > 0) & torch.isfinite(flat))][0].item()
-            raise ValueError(f"temperature must be positive and finite, got a tensor containing {bad}")
-        return flat
+        return Temperature(1.0, flat)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"temperature must be a float or a tensor, got {type(value).__name__}")
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"temperature must be positive and finite, got {value}")
-    return value
+    return Temperature(value)
+
+
+def temperature_values(temp: Temperature) -> None:
+    """Per-row temperatures must be positive and finite (one reduction; on CUDA a host read)."""
+    flat = temp.rows
+    if flat is not None and flat.numel() and not bool(((flat > 0) & torch.isfinite(flat)).all()):
+        bad = flat[~((flat > 0) & torch.isfinite(flat))][0].item()
+        raise ValueError(f"temperature must be positive and finite, got a tensor containing {bad}")
 
 
 def targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -132,3 +140,14 @@ def logits_inputs(logits, targets) -> None:
         raise ValueError(
             f"targets must have logits' leading shape {tuple(logits.shape[:-1])}, got {_describe(targets)}"
         )
+
+
+def chunk_bytes(value) -> int:
+    """``None`` (the plan's default, passed to the ops as 0) or a positive int of bytes."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"chunk_bytes must be a positive int or None, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"chunk_bytes must be a positive number of bytes, got {value}")
+    return value

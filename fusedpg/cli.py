@@ -12,7 +12,7 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "verify":
-        from .verify import main as verify_main
+        from .verification.runner import main as verify_main
 
         return verify_main(rest)
     if command == "bench":

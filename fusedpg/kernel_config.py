@@ -48,10 +48,3 @@ def programs_wanted(device: torch.device) -> int:
 def check_triton_dtype(name: str, x: torch.Tensor) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{name} must be bf16, fp16 or fp32 for impl='triton', got {x.dtype}")
-
-
-def temperature_arg(temp, n: int, device: torch.device):
-    """A float temperature becomes a one-element tensor read with stride 0; a tensor is read with stride 1."""
-    if isinstance(temp, torch.Tensor):
-        return temp.contiguous(), 1
-    return torch.full((1,), float(temp), dtype=torch.float32, device=device), 0

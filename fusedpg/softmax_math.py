@@ -1,7 +1,7 @@
 """Per-chunk softmax statistics and logits gradient in torch, shared by the torch (CPU) plans.
 
 Both functions take a chunk of *tempered* logits ``z = u / T`` as an owned fp32/fp64 buffer and overwrite it, so a
-chunk costs at most two ``[rows, V]`` buffers. The math is DESIGN.md §3; the derivation is in
+chunk costs at most two ``[rows, V]`` buffers. The math is in docs/math.md#online-statistics; the derivation is in
 ``fusedpg/linear/README.md``.
 """
 from __future__ import annotations
@@ -55,18 +55,14 @@ def softmax_grad_(
 
     ``g_v = (c (1[v = y] - p_v) - d p_v (log p_v + H)) / T`` with ``log p = (z - m) - log_s``; ``d=None`` skips
     the entropy term; ``m=None`` when z already holds ``z - m``. c, d, m, log_s, entropy are ``[R]``;
-    temperature a float or ``[R]``.
+    temperature a ``Temperature`` of the chunk's rows.
     """
     # An all -inf row (log_s = -inf) has no gradient: shift it by +inf so every p is 0, and drop its c.
     dead = torch.isneginf(log_s)
     log_s = torch.where(dead, torch.full_like(log_s, float("inf")), log_s)
     c = torch.where(dead, torch.zeros_like(c), c)
     # 1/T is folded into the per-row coefficients, which saves a pass over the [R, V] chunk.
-    if isinstance(temperature, torch.Tensor):
-        inv_t = 1.0 / temperature.to(c.dtype)
-        c, d = c * inv_t, None if d is None else d * inv_t
-    elif temperature != 1.0:
-        c, d = c / temperature, None if d is None else d / temperature
+    c, d = temperature.scale(c), None if d is None else temperature.scale(d)
     if m is not None:
         z.sub_(m.unsqueeze(1))
     z.sub_(log_s.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)  # log p
@@ -78,11 +74,6 @@ def softmax_grad_(
         g = p.mul_(z.mul_(-d.unsqueeze(1)).sub_((c + d * entropy).unsqueeze(1)))
     return g.scatter_add_(1, targets.unsqueeze(1), c.unsqueeze(1))
 
-
-def divide_temperature_(z: torch.Tensor, temperature) -> torch.Tensor:
-    if isinstance(temperature, torch.Tensor):
-        return z.div_(temperature.to(z.dtype).unsqueeze(1))
-    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,7 +1,7 @@
 """One-pass PG loss epilogue over a chunk of materialised logits: statistics, the per-token loss and its
 c = dL/dlogp, d = dL/dH for the PPO-clip family, then dL/du written over the logits, all in one launch.
 
-The per-token math mirrors fusedpg/losses (clipped_surrogate, cispo, sapo, kl_estimate), which is the reference the
+The per-token math mirrors fusedpg/objective (clipped_surrogate, cispo, sapo, kl_estimate), which is the reference the
 tests hold this kernel to; gradients follow torch's conventions (clamp passes the gradient at its bounds, min splits
 it evenly on ties) so the two agree to rounding.
 """

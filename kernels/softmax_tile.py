@@ -2,7 +2,7 @@
 
 A row's state is (m, s, q): the running max m of the tempered logits z, s = sum exp(z - m) and
 q = sum exp(z - m) * (z - m). Keeping q relative to the running max avoids the cancellation of lse - E_p[z] at
-large logits. Then lse = m + log s and H = log s - q / s (DESIGN.md §3).
+large logits. Then lse = m + log s and H = log s - q / s (docs/math.md#online-statistics).
 """
 import triton
 import triton.language as tl

@@ -95,11 +95,11 @@ def assert_all_ok(results, context: str = "") -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The awkward grid of DESIGN.md §6. Interpreter shapes stay tiny; the tile sizes there are BT=16, BV=32, BK=16 for
+# The awkward grid of docs/design.md#test-strategy. Interpreter shapes stay tiny; the tile sizes there are BT=16, BV=32, BK=16 for
 # the linear kernels and BT=4, BV=32 for the logits kernels, so V = 1, 7, 50, 257 cover a one-column tile, a
 # partial first tile, a two-tile tail and a one-column last tile; 1187 is a prime stand-in for 151936-like sizes.
 # --------------------------------------------------------------------------------------------------------------
-from fusedpg.equivalence import LinearCase  # noqa: E402
+from fusedpg.verification.cases_logprob import LinearCase  # noqa: E402
 
 GRID = {
     "base": LinearCase(),

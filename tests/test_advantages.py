@@ -1,4 +1,4 @@
-"""Advantage estimators (losses.md §5) against direct per-group loops."""
+"""Advantage estimators (docs/losses.md#advantage-estimators) against direct per-group loops."""
 import math
 
 import pytest

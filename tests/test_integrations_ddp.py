@@ -1,4 +1,4 @@
-"""DDP (losses.md §2.2, peers.md §2 row 11): two gloo ranks on CPU, each with half of the global batch, produce the
+"""DDP (docs/losses.md#aggregation-modes; docs/peers.md#known-bugs-turned-into-tests row 11): two gloo ranks on CPU, each with half of the global batch, produce the
 single-process gradients of the whole batch when the loss is normalised globally (num_items_in_batch, world_size),
 and every rank ends with identical gradients. No collective is issued by fusedpg itself."""
 import os

@@ -270,7 +270,7 @@ def test_peft_lora_matches_trl(tmp_path):
 
 
 def test_moe_aux_loss_matches_trl(tmp_path):
-    """peers.md §2 row 14: the router load-balancing loss is not dropped on the fused path."""
+    """docs/peers.md#known-bugs-turned-into-tests row 14: the router load-balancing loss is not dropped on the fused path."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

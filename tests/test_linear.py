@@ -1,11 +1,11 @@
-"""linear_logprob_entropy against the float64 truth under the tolerance model (DESIGN.md §5, §6), both backends."""
+"""linear_logprob_entropy against the float64 truth under the tolerance model (docs/design.md#tolerance-model, #test-strategy), both backends."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fusedpg
-from fusedpg.equivalence import LinearCase, check_linear, make_linear_inputs
+from fusedpg.verification.cases_logprob import LinearCase, check_linear, make_linear_inputs
 from fusedpg.linear.reference import linear_logprob_entropy_reference
 
 from conftest import DTYPES, GRID, assert_all_ok
@@ -68,7 +68,7 @@ def test_nan_fill_fixture_is_active():
 
 def test_nan_fill_catches_an_unwritten_library_output(monkeypatch, backend):
     """A plan that forgets to write one row of an output allocated with torch.empty fails the equivalence check."""
-    from fusedpg.linear import function
+    from fusedpg.linear import op as function
 
     plan = function._plan(backend.impl)
     real = plan.forward

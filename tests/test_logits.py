@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.equivalence import LinearCase, check_logits
+from fusedpg.verification.cases_logprob import LinearCase, check_logits
 
 from conftest import DTYPES, GRID, assert_all_ok
 

@@ -1,4 +1,4 @@
-"""Aggregation weights against plain statements of verl ``agg_loss`` and TRL's normalisers (losses.md §2)."""
+"""Aggregation weights against plain statements of verl ``agg_loss`` and TRL's normalisers (docs/losses.md#aggregation-modes)."""
 import pytest
 import torch
 

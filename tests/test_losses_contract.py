@@ -7,7 +7,7 @@ import torch
 import fusedpg
 from fusedpg.objective import (PGLossConfig, batch_coefficients, finalize_metrics, make_config, merge_metrics, plan_of,
                             prepare, token_loss, variant_names)
-from fusedpg.objective.cases import grad_inputs, make_case
+from fusedpg.verification.cases_objective import grad_inputs, make_case
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "seq_ids", "group_ids", "step_ids",
            "token_weights")
@@ -82,7 +82,7 @@ def test_masked_tokens_get_zero_gradient():
 
 def test_plan_classes():
     one = {"ppo", "grpo", "dr_grpo", "dapo", "bnpo", "bnpo_adv", "ngrpo", "aepo", "psr", "nsr", "w_reinforce",
-           "gppo", "dcpo", "cispo", "sapo", "gpg", "alol_token"}
+           "gppo", "dcpo", "cispo", "sapo", "gpg", "alol_token", "topr"}
     seq = {"gspo", "gspo_token", "luspo", "geo_mean", "vespo", "alol", "gtpo"}
     two = {"bapo", "clip_cov", "kl_cov", "top_entropy", "d3s", "empg"}
     assert one | seq | two == set(variant_names())

@@ -6,7 +6,7 @@ import torch
 
 import fusedpg
 from fusedpg.objective import variant_names
-from fusedpg.objective.cases import grad_inputs, make_case
+from fusedpg.verification.cases_objective import grad_inputs, make_case
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "group_ids", "step_ids", "token_weights", "seq_ids")
 ALL_TERMS = dict(beta=0.1, entropy_coef=0.05)

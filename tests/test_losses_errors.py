@@ -4,7 +4,7 @@ import torch
 
 import fusedpg
 from fusedpg.objective import PGLossConfig, prepare, token_loss, variant_names
-from fusedpg.objective.cases import make_case
+from fusedpg.verification.cases_objective import make_case
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 import fusedpg
 from fusedpg.objective import (batch_coefficients, finalize_metrics, get_variant, make_config, merge_metrics, plan_of,
                             prepare, token_loss, variant_names)
-from fusedpg.objective.cases import grad_inputs, make_case
+from fusedpg.verification.cases_objective import grad_inputs, make_case
 from fusedpg.objective.config import AGGREGATIONS, KL_ESTIMATORS, ROLLOUT_IS_MODES
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "group_ids", "step_ids", "token_weights", "seq_ids")

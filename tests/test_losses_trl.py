@@ -5,12 +5,9 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.objective.trl_semantics import TRL_LOSS_TYPES, TRLArgs, pg_loss_options, trl_compute_loss
-
-METRIC_NAMES = {"kl": "kl", "entropy": "entropy", "clip_ratio/low_mean": "clip_low",
-                "clip_ratio/high_mean": "clip_high", "clip_ratio/region_mean": "clip_region",
-                "clip_ratio/low_min": "clip_low_min_seq", "clip_ratio/high_max": "clip_high_max_seq",
-                "cispo_clip_ratio": "clip_high", "vespo/phi_seq_mean": "vespo_phi"}
+from fusedpg.integrations.trl_support import FUSEDPG_METRICS
+from fusedpg.integrations.trl_support import LOSS_TYPES as TRL_LOSS_TYPES
+from fusedpg.verification.trl_oracle import TRLArgs, pg_loss_options, trl_compute_loss
 
 
 def make_inputs(seed, B=5, T=7, per_token_adv=False, spread=0.4):
@@ -50,7 +47,7 @@ def compare(args, x, **extra_opts):
     for k, v in m1.items():
         if k == "clip_ratio/low_min" and math.isinf(v) or k == "clip_ratio/high_max" and math.isinf(v):
             v = 0.0  # fusedpg reports an empty min/max as 0, never inf/NaN
-        assert float(m2[METRIC_NAMES[k]]) == pytest.approx(v, rel=1e-9, abs=1e-12), k
+        assert float(m2[FUSEDPG_METRICS[k]]) == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
 LEVELS = {lt: ("token",) if lt == "vespo" else ("token", "sequence") for lt in TRL_LOSS_TYPES}

@@ -1,4 +1,4 @@
-"""Per-variant gradients: fp64 gradcheck of token_loss, and c_t / d_t against the closed forms of losses.md."""
+"""Per-variant gradients: fp64 gradcheck of token_loss, and c_t / d_t against the closed forms of fusedpg/objective/README.md#variants."""
 import math
 
 import pytest
@@ -6,16 +6,16 @@ import torch
 
 import fusedpg
 from fusedpg.objective import batch_coefficients, make_config, plan_of, prepare, resolve, token_loss, variant_names
-from fusedpg.objective.cases import grad_inputs, make_case
+from fusedpg.verification.cases_objective import grad_inputs, make_case
 from fusedpg.objective.core import kl_estimate
 from fusedpg.objective.shaping import gtpo_token_weights
 
 TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "group_ids", "step_ids", "token_weights")
 
 
-#: Variants whose loss value is a surrogate built with stop-gradients (losses.md §6.25): finite differences of the
+#: Variants whose loss value is a surrogate built with stop-gradients (docs/losses.md#comparing-values-and-gradients): finite differences of the
 #: value do not give their gradient, so they are checked against the closed form below instead.
-STOP_GRADIENT = {"cispo", "vespo", "alol", "alol_token", "gppo", "gtpo", "gspo_token"}
+STOP_GRADIENT = {"cispo", "vespo", "alol", "alol_token", "gppo", "gtpo", "gspo_token", "topr"}
 
 
 @pytest.mark.parametrize("loss_type", sorted(set(variant_names()) - STOP_GRADIENT))
@@ -86,6 +86,13 @@ def test_cispo(mode):
     m, lp, old, r, a, w = quantities(t, b)
     wt = r.clamp(max=1.5) if mode == "trl" else r.clamp(1 - cfg.epsilon_low, 1.2)
     torch.testing.assert_close(c, -w * wt * a)
+
+
+def test_topr():
+    t, _ = make_case("topr", seed=6, log_ratio_scale=0.8)
+    c, _, b, cfg = c_d("topr", t)
+    m, lp, old, r, a, w = quantities(t, b)
+    torch.testing.assert_close(c, -w * torch.where(a >= 0, torch.ones_like(r), r.clamp(max=1.0)) * a)
 
 
 def test_sapo():

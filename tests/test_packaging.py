@@ -1,4 +1,4 @@
-"""Packaging and import hygiene (DESIGN.md §2, §4): no import-time side effects, kernels installed as
+"""Packaging and import hygiene (docs/design.md#repository-layout, #backends-and-implementation-choice): no import-time side effects, kernels installed as
 ``fusedpg.kernels`` only, and every package directory listed in pyproject.toml."""
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ _PROBE = """
     logp, ent = fusedpg.linear_logprob_entropy(h, w, y)
     (logp.sum() + ent.sum()).backward()
     fusedpg.logprob_entropy(h.detach() @ w.T, y)
-    out.update(triton_after_call="triton" in sys.modules, cuda_calls_call=list(calls))
+    ours = [m for m in sys.modules if m.startswith("fusedpg.kernels") or m.endswith(".launch_triton")
+            or m == "fusedpg.linear_pg.epilogue"]
+    out.update(kernels_after_call=ours, cuda_calls_call=list(calls))
     print(json.dumps(out))
 """
 
@@ -64,7 +66,9 @@ def test_import_has_no_side_effects(tmp_path):
     assert out["cuda_calls_import"] == [], f"import fusedpg probed CUDA: {out['cuda_calls_import']}"
     assert not out["env_changed"], "import fusedpg changed os.environ"
     assert not out["cuda_initialized"]
-    assert not out["triton_after_call"], "a CPU call on the torch plan imported triton"
+    # torch's custom-op dispatch imports torch._dynamo (and with it triton) on an op's first call; what must stay
+    # unimported on the torch plan is our Triton code
+    assert out["kernels_after_call"] == [], f"a CPU call imported Triton code: {out['kernels_after_call']}"
     assert out["cuda_calls_call"] == [], f"a CPU call probed CUDA: {out['cuda_calls_call']}"
 
 

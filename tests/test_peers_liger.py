@@ -80,7 +80,7 @@ def test_matches_liger(loss_type, liger_kw, ours_kw, impl):
 
 def test_liger_cispo_default_cap_differs_from_trl():
     """Liger's constructor default epsilon_high=0.2 is used as CISPO's *absolute* cap min(r, 0.2), while TRL (and
-    fusedpg) default CISPO to the recommended cap 5.0 (losses.md §4.7). Same formula, different default."""
+    fusedpg) default CISPO to the recommended cap 5.0 (docs/losses.md#cispo). Same formula, different default."""
     batch = _batch(1)
     liger_default = _liger("cispo", {}, batch)[0]
     assert torch.allclose(liger_default, _ours("cispo", dict(epsilon_high=0.2), batch)[0], rtol=2e-6, atol=2e-6)

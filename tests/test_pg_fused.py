@@ -5,7 +5,7 @@ import torch
 
 import fusedpg
 from fusedpg.objective import variant_names
-from fusedpg.linear_pg.cases import check_fused_pg, fused_inputs
+from fusedpg.verification.cases_pg import check_fused_pg, fused_inputs
 
 IMPLS = ["torch", "triton"]
 ALL = variant_names()
@@ -32,7 +32,8 @@ def test_half_precision(loss_type, impl, dtype):
     _assert_ok(check_fused_pg(loss_type, impl=impl, dtype=dtype, chunk_bytes=SMALL_CHUNK, seed=3))
 
 
-ONE_PASS = [lt for lt in ALL if fusedpg.fused_plan(loss_type=lt, **fused_inputs(lt)["options"]) == "one_pass"]
+# "one_pass" and "sequence" both finish the gradients in the forward (chunks hold whole sequences)
+ONE_PASS = [lt for lt in ALL if fusedpg.fused_plan(loss_type=lt, **fused_inputs(lt)["options"]) != "two_phase"]
 
 
 def test_most_variants_run_one_pass():
@@ -153,8 +154,7 @@ EPILOGUE_CASES = [
 
 
 def _spec(loss_type, options):
-    from fusedpg.objective import make_config, prepare
-    from fusedpg.linear_pg.epilogue import epilogue_spec
+    from fusedpg.objective import epilogue_spec, make_config, prepare
 
     x = fused_inputs(loss_type)
     cfg = make_config(None, loss_type, **{**x["options"], **options})

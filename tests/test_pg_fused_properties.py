@@ -4,8 +4,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fusedpg.objective import make_config, variant_names
-from fusedpg.linear_pg.cases import check_fused_pg, fused_inputs
+from fusedpg.objective import make_config, resolve, variant_names
+from fusedpg.verification.cases_pg import check_fused_pg, fused_inputs
 
 OPTIONS = st.fixed_dictionaries({}, optional={
     "beta": st.sampled_from([0.0, 0.04, 0.5]),
@@ -20,9 +20,11 @@ OPTIONS = st.fixed_dictionaries({}, optional={
        batch=st.integers(1, 5), width=st.integers(1, 7), v=st.sampled_from([7, 33, 50]),
        chunk_rows=st.sampled_from([1, 3, 1000]), bias=st.booleans())
 def test_fused_matches_reference(loss_type, options, seed, batch, width, v, chunk_rows, bias):
+    # EMPG on width-1 rows returns inf on HEAD too: a known bug pinned by test_empg_width_one_known_bug below
+    assume(not (loss_type == "empg" and width == 1))
     x = fused_inputs(loss_type, batch=batch, width=width, v=v, seed=seed)
     try:
-        make_config(None, loss_type, **{**x["options"], **options})
+        resolve(make_config(None, loss_type, **{**x["options"], **options}))  # resolve: the combination checks
     except ValueError:
         assume(False)  # an option combination the variant rejects (its own tests cover the message)
     results = check_fused_pg(loss_type, impl="torch", seed=seed, options=options, batch=batch, width=width, v=v,
@@ -36,4 +38,12 @@ def test_fused_matches_reference_triton_random_variant(seed):
     names = variant_names()
     loss_type = names[torch.randint(0, len(names), (1,), generator=torch.Generator().manual_seed(seed)).item()]
     results = check_fused_pg(loss_type, impl="triton", seed=seed, batch=3, width=5, chunk_bytes=4 * 50 * 4)
+    assert all(r.ok for r in results), [r.report() for r in results if not r.ok]
+
+
+@pytest.mark.xfail(strict=True, reason="known bug found by this session's draws: EMPG with one-token rows (width 1) "
+                   "gives an infinite fused loss against a finite reference; fix, then drop the assume() above")
+def test_empg_width_one_known_bug():
+    results = check_fused_pg("empg", impl="torch", seed=0, options={}, batch=2, width=1, v=7, bias=False,
+                             chunk_bytes=7 * 4)
     assert all(r.ok for r in results), [r.report() for r in results if not r.ok]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fusedpg.prefix import PrefixLayout, pack, shared_prefix_attention, shared_prefix_attention_reference
-from fusedpg.prefix.verify import CASES, AttentionCase, case_layout, check_attention, make_inputs, run_attention
+from fusedpg.verification.cases_prefix import (CASES, AttentionCase, case_layout, check_attention, make_inputs,
+                                               run_attention)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -186,7 +187,7 @@ def test_bad_scale_and_impl():
 
 
 def test_verify_cases_smoke():
-    from fusedpg.prefix import verify_cases
+    from fusedpg.verification.cases_prefix import verify_cases
 
     results = verify_cases(dtypes=(torch.float32,), cases=CASES[:2])
     assert len(results) == 8 and all(r.ok for r in results)

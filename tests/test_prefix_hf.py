@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import fusedpg  # noqa: E402
 from fusedpg.prefix import pack, plan_torch, register_transformers  # noqa: E402
-from fusedpg.testing import assert_close_to_truth  # noqa: E402
+from fusedpg.verification.tolerance import assert_close_to_truth  # noqa: E402
 
 NAME = register_transformers()
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")

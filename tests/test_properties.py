@@ -1,5 +1,5 @@
 """Property tests: hypothesis draws shapes, options and values; every output and gradient must match the float64
-truth under the tolerance model (DESIGN.md §5). Derandomised, so a CI run is reproducible; the draw still covers
+truth under the tolerance model (docs/design.md#tolerance-model). Derandomised, so a CI run is reproducible; the draw still covers
 200 cases per run on the torch plan and 40 through the Triton interpreter (or the CUDA kernels)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusedpg.equivalence import LinearCase, check_linear, check_logits
+from fusedpg.verification.cases_logprob import LinearCase, check_linear, check_logits
 
 from conftest import BACKENDS, assert_all_ok
 

@@ -1,4 +1,4 @@
-"""Regression tests for the known peer bugs of spec/peers.md §2 that apply to the log-prob + entropy primitives.
+"""Regression tests for the known peer bugs of docs/peers.md#known-bugs-turned-into-tests that apply to the log-prob + entropy primitives.
 
 Each test names its row of the table (#1 ... #23).
 """
@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import fusedpg
-from fusedpg.equivalence import LinearCase, check_linear, check_logits, make_linear_inputs
+from fusedpg.verification.cases_logprob import LinearCase, check_linear, check_logits, make_linear_inputs
 from fusedpg.kernel_config import tile_config
-from fusedpg.linear.function import LinearLogprobEntropyFunction
 from fusedpg.options import LogProbOptions
 from fusedpg.linear.reference import linear_logprob_entropy_reference
 
@@ -128,12 +127,12 @@ def _dweight_error(impl, device, n, v, h, chunks, dtype):
     d = torch.randn(n, generator=g, dtype=torch.float64)
     rows = n // chunks
     if impl == "torch":
-        opts = LogProbOptions(chunk_bytes=rows * v * 4)  # one fp32 [rows, V] buffer per chunk
+        budget = rows * v * 4  # one fp32 [rows, V] buffer per chunk
     else:
         assert rows % tile_config(dtype).BT == 0
-        opts = LogProbOptions(device_chunk_bytes=rows * v * dtype.itemsize)  # one input-dtype [rows, V] buffer
+        budget = rows * v * dtype.itemsize  # one input-dtype [rows, V] buffer
     w = weight.clone().to(device).requires_grad_(True)
-    logp, ent = LinearLogprobEntropyFunction.apply(hidden.to(device), w, None, y.to(device), 1.0, opts, impl)
+    logp, ent = fusedpg.linear_logprob_entropy(hidden.to(device), w, y.to(device), impl=impl, chunk_bytes=budget)
     ((logp.double().cpu() * c).sum() + (ent.double().cpu() * d).sum()).backward()
     w64 = weight.detach().double().requires_grad_(True)
     logp, ent = linear_logprob_entropy_reference(hidden, w64, y)

@@ -7,7 +7,7 @@ import torch
 
 import fusedpg
 from fusedpg import checks
-from fusedpg.equivalence import LinearCase, check_linear, check_logits
+from fusedpg.verification.cases_logprob import LinearCase, check_linear, check_logits
 
 from conftest import BACKENDS, assert_all_ok
 

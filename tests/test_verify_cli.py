@@ -9,7 +9,8 @@ import sys
 import torch
 
 import fusedpg
-from fusedpg import cli, verify
+from fusedpg import cli
+from fusedpg.verification import runner
 
 from conftest import BACKENDS
 
@@ -22,7 +23,7 @@ def _table_rows(out: str):
 def test_verify_torch_prints_table_and_passes(capsys):
     # every op group (the primitives, the PG losses, shared-prefix attention) at one dtype; all dtypes of the
     # primitives are below
-    assert verify.main(["--impl", "torch", "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert runner.main(["--impl", "torch", "--device", "cpu", "--dtype", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "max abs err" in out and "ours/eager" in out
     rows = _table_rows(out)
@@ -37,7 +38,7 @@ def test_verify_primitives_table():
     import io
 
     buf = io.StringIO()
-    assert verify.run("cpu", "torch", [torch.float32, torch.bfloat16, torch.float16], out=buf,
+    assert runner.run("cpu", "torch", [torch.float32, torch.bfloat16, torch.float16], out=buf,
                       groups=("primitives",))
     rows = _table_rows(buf.getvalue())
     assert len(rows) == 3 * (5 + 3 + 3)
@@ -63,7 +64,7 @@ def test_verify_fails_on_wrong_numbers(monkeypatch, capsys):
         return logp + 1e-3, ent
 
     monkeypatch.setattr(fusedpg, "linear_logprob_entropy", off_by_a_little)
-    assert verify.main(["--impl", "torch", "--dtype", "fp32", "--only", "primitives"]) == 1
+    assert runner.main(["--impl", "torch", "--dtype", "fp32", "--only", "primitives"]) == 1
     out = capsys.readouterr().out
     failing = [r for r in _table_rows(out) if r.endswith("FAIL")]
     assert failing and all(r.startswith("linear_logprob_entropy") and " logp " in r for r in failing)
@@ -79,7 +80,7 @@ def test_verify_fails_on_wrong_gradient(monkeypatch, capsys):
         return logp, ent.detach()
 
     monkeypatch.setattr(fusedpg, "logprob_entropy", entropy_without_gradient)
-    assert verify.main(["--impl", "torch", "--dtype", "fp32", "--only", "primitives"]) != 0
+    assert runner.main(["--impl", "torch", "--dtype", "fp32", "--only", "primitives"]) != 0
     failing = [r for r in _table_rows(capsys.readouterr().out) if r.endswith("FAIL")]
     assert failing and all(r.startswith("logprob_entropy") and "d_logits" in r for r in failing)
 

@@ -1,15 +1,16 @@
 """Trainer integrations. Each submodule is imported on demand, so optional frameworks are never required:
 
 * ``fusedpg.integrations.liger``   drop-in ``LigerFusedLinearGRPOLoss`` (same constructor, forward, return value).
-* ``fusedpg.integrations.compile`` the public ops as ``torch.library`` custom ops (``torch.compile(fullgraph=True)``).
 * ``fusedpg.integrations.verl``    verl policy-loss functions for the variants verl lacks, and ``linear_cross_entropy``.
 * ``fusedpg.integrations.trl``     TRL ``GRPOTrainer`` loss path on hidden states (``trl`` extra).
+* ``fusedpg.integrations.trl_support`` TRL's GRPO loss facts and option mapping, shared by ``trl`` and ``liger``
+  (imports neither TRL nor transformers).
 
 See README.md in this folder.
 """
 import importlib
 
-__all__ = ["liger", "compile", "verl", "trl"]
+__all__ = ["liger", "verl", "trl", "trl_support"]
 
 
 def __getattr__(name):

@@ -32,27 +32,25 @@ Extra keyword-only constructor arguments: ``impl`` (``"triton"``/``"torch"``/``"
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from ..linear import linear_logprob_entropy
 from ..linear_pg import fused_linear_pg_loss
+from .trl_support import (
+    GLOBAL_NORM, LOSS_TYPES, grpo_options, head_logprobs, importance_weights, k3_kl, metric_terms, rollout_is_weights,
+)
 
 __all__ = ["LigerFusedLinearGRPOLoss", "liger_options", "LIGER_LOSS_TYPES"]
 
-LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-_AGGREGATION = {"sapo": "grpo", "cispo": "dapo", "vespo": "dapo"}
-_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+#: Liger's loss types are TRL's.
+LIGER_LOSS_TYPES = LOSS_TYPES
 
 
-def liger_options(*, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
-                  max_completion_length: Optional[int], importance_sampling_level: str, sapo_temperature_pos: float,
-                  sapo_temperature_neg: float, delta: Optional[float], use_bias_correction_kl: bool,
-                  vespo_k_pos: float, vespo_lambda_pos: float, vespo_k_neg: float, vespo_lambda_neg: float,
-                  num_items_in_batch=None, world_size: int = 1) -> dict:
-    """The :class:`fusedpg.PGLossConfig` keywords that express Liger's GRPO loss with these options."""
+def liger_options(*, loss_type: str, importance_sampling_level: str, max_completion_length: Optional[int],
+                  **settings) -> dict:
+    """The :class:`fusedpg.PGLossConfig` keywords that express Liger's GRPO loss with these options (the
+    constructor's names, plus ``num_items_in_batch`` and ``world_size``): TRL's mapping, LUSPO unmasked."""
     if loss_type not in LIGER_LOSS_TYPES:
         raise ValueError(f"Unknown loss type: {loss_type}; LigerFusedLinearGRPOLoss supports {LIGER_LOSS_TYPES}")
     if importance_sampling_level not in ("token", "sequence"):
@@ -63,22 +61,8 @@ def liger_options(*, beta: float, epsilon_low: float, epsilon_high: float, loss_
                          "Use importance_sampling_level='token' instead.")
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
-    opts = dict(loss_type=loss_type, epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
-                dual_clip_c=float("inf"), log_ratio_clamp=None, beta=float(beta), kl_estimator="k3",
-                kl_bias_correction=bool(use_bias_correction_kl) and beta != 0.0,
-                importance_sampling_level=importance_sampling_level, aggregation=_AGGREGATION.get(loss_type, loss_type),
-                luspo_unmasked=loss_type == "luspo", cispo_mode="trl", sapo_tau_pos=float(sapo_temperature_pos),
-                sapo_tau_neg=float(sapo_temperature_neg), vespo_k_pos=float(vespo_k_pos),
-                vespo_lambda_pos=float(vespo_lambda_pos), vespo_k_neg=float(vespo_k_neg),
-                vespo_lambda_neg=float(vespo_lambda_neg), top_entropy_quantile=1.0, gradient_accumulation_steps=1,
-                world_size=int(world_size))
-    if max_completion_length is not None:
-        opts["max_completion_length"] = int(max_completion_length)
-    if delta is not None and loss_type in _CLIPPED:
-        opts["delta"] = float(delta)
-    if num_items_in_batch is not None:
-        opts["num_items_in_batch"] = float(num_items_in_batch)
-    return opts
+    return grpo_options(loss_type, importance_sampling_level=importance_sampling_level,
+                        max_completion_length=max_completion_length, unmasked_luspo=True, **settings)
 
 
 class LigerFusedLinearGRPOLoss(torch.nn.Module):
@@ -173,11 +157,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             if ref_per_token_logps is None:
                 if ref_input is None:
                     raise ValueError("If use_ref_model is True, ref_per_token_logps or ref_input must be provided")
-                with torch.no_grad():
-                    ref, _ = linear_logprob_entropy(
-                        ref_input.detach(), (lin_weight if ref_weight is None else ref_weight).detach(),
-                        selected_token_ids, bias=None if ref_bias is None else ref_bias.detach(),
-                        temperature=self.temperature, compute_entropy=False, impl=self.impl)
+                ref = head_logprobs(ref_input, lin_weight if ref_weight is None else ref_weight, selected_token_ids,
+                                    ref_bias, temperature=self.temperature, impl=self.impl)
             else:
                 ref = ref_per_token_logps
             ref = ref.detach().to(work)
@@ -189,21 +170,13 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                     vllm_is_ratio.dim() == 2 and vllm_is_ratio.shape[1] not in (1, T)):
                 raise ValueError(f"vllm_is_ratio must be ({B},), ({B}, 1) or ({B}, {T}), got "
                                  f"{tuple(vllm_is_ratio.shape)}")
-            is_w = vllm_is_ratio.detach().to(work)
-            if self.loss_type == "vespo":
-                # Liger folds sum over the ratio's last dim (all T cells, padding included, or the one (B, 1) value)
-                # of clamp(log r) into VESPO's sequence log-weight. fusedpg folds sum_t m_t clamp(log w_t): spread
-                # that total evenly over the sequence's valid tokens.
-                logs = is_w.reshape(B, -1).log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
-                is_w = torch.exp(logs / mask.sum(-1, keepdim=True).clamp(min=1.0)).expand(B, T)
-            elif is_w.dim() == 2 and is_w.shape[1] == 1:
-                is_w = is_w[:, 0]
+            is_w = rollout_is_weights(self.loss_type, vllm_is_ratio.detach().to(work), mask)
         world = 1
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         if dist_on:
             world = torch.distributed.get_world_size()
         nib = num_items_in_batch
-        if nib is None and dist_on and self.allreduce_normalizer and self.loss_type in ("dapo", "cispo", "vespo"):
+        if nib is None and dist_on and self.allreduce_normalizer and self.loss_type in GLOBAL_NORM:
             total = mask.sum().detach().clone()
             torch.distributed.all_reduce(total)
             nib = total
@@ -214,15 +187,9 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         opts = liger_options(**self._option_kwargs(num_items_in_batch=nib, world_size=world))
         if not kl_active:
             opts.update(beta=0.0, kl_bias_correction=False)
-        if old_per_token_logps is None:
-            # on-policy (Liger/TRL: old = logp.detach()); fusedpg's losses take old log-probs as an input, so one
-            # extra no-grad forward of the head computes them (ratio 1 up to rounding, gradient -A as on-policy).
-            with torch.no_grad():
-                old, _ = linear_logprob_entropy(_input.detach(), lin_weight.detach(), selected_token_ids,
-                                                bias=None if bias is None else bias.detach(),
-                                                temperature=self.temperature, compute_entropy=False,
-                                                check_targets=False, impl=self.impl)
-            old = old.to(work)
+        if old_per_token_logps is None:  # on-policy: ratio 1 up to rounding, gradient -A as on-policy
+            old = head_logprobs(_input, lin_weight, selected_token_ids, bias, temperature=self.temperature,
+                                impl=self.impl, check_targets=False).to(work)
         else:
             old = old_per_token_logps.detach().to(work)
         loss, met = fused_linear_pg_loss(
@@ -238,28 +205,19 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         on = mask > 0
         denom = mask.sum().clamp(min=1.0)
         lr = torch.zeros_like(logp) if old is None else torch.where(on, logp - old, torch.zeros_like(logp))
-        if self.importance_sampling_level == "sequence":
-            log_w = ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        else:
-            log_w = lr
-        coef = torch.exp(log_w)
+        coef = importance_weights(lr, mask, self.importance_sampling_level)
         out = []
         if beta != 0.0:
             if kl_active:
-                d = torch.where(on, ref - logp, torch.zeros_like(logp))
-                kl = torch.exp(d) - d - 1.0
-                if self.use_bias_correction_kl:
-                    kl = kl * coef
+                kl = k3_kl(torch.where(on, ref - logp, torch.zeros_like(logp)),
+                           coef if self.use_bias_correction_kl else None)
                 out.append((kl * mask).sum() / denom)
             else:
                 out.append(torch.zeros((), dtype=logp.dtype, device=logp.device))
-        a = adv.reshape(adv.shape[0], -1)
-        if self.loss_type in ("sapo", "vespo"):
-            clipped = torch.zeros_like(mask, dtype=torch.bool)
-        elif self.loss_type == "cispo":
-            clipped = (coef > self.epsilon_high) & (a > 0)
-        else:
-            clipped = ((coef < 1 - self.epsilon_low) & (a < 0)) | ((coef > 1 + self.epsilon_high) & (a > 0))
-        clipped = clipped.expand_as(mask)
-        out.append((clipped.to(mask.dtype) * mask).sum() / denom)
+        # TRL's clip_ratio/region_mean (cispo: cispo_clip_ratio); none for sapo and vespo
+        terms = metric_terms(self.loss_type, coef, adv.reshape(adv.shape[0], -1), self.epsilon_low,
+                             self.epsilon_high)
+        _, clipped = terms.get("clip_ratio/region_mean", terms.get("cispo_clip_ratio", ("mean", None)))
+        clipped = torch.zeros_like(mask) if clipped is None else clipped.expand_as(mask)
+        out.append((clipped * mask).sum() / denom)
         return tuple(m.detach() for m in out)

@@ -46,10 +46,14 @@ Options (keyword arguments of the constructor): ``fusedpg_impl`` (``"triton"``/`
 """
 from __future__ import annotations
 
+import functools
+import types
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers.utils import ModelOutput
 
 from ..linear import linear_logprob_entropy
 from ..linear_pg import fused_linear_pg_loss
@@ -60,12 +64,47 @@ try:  # optional dependency: the module imports without TRL, the trainer class n
 except ImportError:  # pragma: no cover - exercised only without the extra
     _GRPOTrainer = None
 
-from .trl_support import (  # noqa: F401  (SUPPORTED_TRL, TRL_LOSS_TYPES, HiddenStateOutput: re-exported)
-    _GLOBAL_NORM, _MULTIMODAL, SUPPORTED_TRL, TRL_LOSS_TYPES, HiddenStateOutput, _fold_vespo_is,
-    add_hidden_state_forward, trl_loss_options,
+from .trl_support import (
+    GLOBAL_NORM, MULTIMODAL_KEYS, SUPPORTED_TRL, head_logprobs, importance_weights, k3_kl, masked_seq_mean,
+    metric_terms, rollout_is_weights, trl_loss_options,
 )
 
 __all__ = ["FusedPGGRPOTrainer", "trl_loss_options", "add_hidden_state_forward", "SUPPORTED_TRL"]
+
+
+@dataclass
+class HiddenStateOutput(ModelOutput):
+    last_hidden_state: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+
+
+def add_hidden_state_forward(model) -> None:
+    """Let ``model(..., fusedpg_hidden=True)`` return the backbone's last hidden state (and the MoE load-balancing
+    loss) instead of logits. Other calls go to the previous forward unchanged. Calling it through the wrapped model
+    (DDP, PEFT) keeps DDP's reducer armed (docs/peers.md#known-bugs-turned-into-tests, row 11)."""
+    if getattr(model, "_fusedpg_hidden_forward", False):
+        return
+    previous = model.forward
+    text_config = model.config.get_text_config()
+
+    @functools.wraps(type(model).forward)
+    def _forward(self, *args, fusedpg_hidden=False, **kwargs):
+        if not fusedpg_hidden:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        out = self.base_model(*args, **kwargs)
+        aux = None
+        if kwargs.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            aux = load_balancing_loss_func(out.router_logits, text_config.num_experts,
+                                           text_config.num_experts_per_tok, kwargs.get("attention_mask"))
+        return HiddenStateOutput(last_hidden_state=out.last_hidden_state, aux_loss=aux)
+
+    model.forward = types.MethodType(_forward, model)
+    model._fusedpg_hidden_forward = True
 
 
 if _GRPOTrainer is not None:
@@ -95,7 +134,7 @@ if _GRPOTrainer is not None:
         # -- helpers ---------------------------------------------------------------------------------------------
         def _fusedpg_unsupported(self, inputs, base=None) -> Optional[str]:
             base = self._fusedpg_base if base is None else base
-            if any(inputs.get(k) is not None for k in _MULTIMODAL):
+            if any(inputs.get(k) is not None for k in MULTIMODAL_KEYS):
                 return "multimodal inputs"
             cfg = base.config.get_text_config()
             for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -248,18 +287,12 @@ if _GRPOTrainer is not None:
             adv2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
             old = inputs.get("old_per_token_logps")
             if old is None:  # on-policy: old = current log-probs (one no-grad pass of the head only)
-                with torch.no_grad():
-                    old, _ = linear_logprob_entropy(
-                        hidden.detach(), weight.detach(), targets.masked_fill(mask == 0, -100),
-                        bias=None if bias is None else bias.detach(), temperature=temperature,
-                        compute_entropy=False, check_targets=False, impl=self.fusedpg_impl)
+                old = head_logprobs(hidden, weight, targets.masked_fill(mask == 0, -100), bias,
+                                    temperature=temperature, impl=self.fusedpg_impl, check_targets=False)
             ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
             is_ratio = inputs.get("importance_sampling_ratio")
-            is_weights = None
-            if self.loss_type == "vespo":
-                is_weights = None if is_ratio is None else _fold_vespo_is(is_ratio, maskf)
-            elif self.use_vllm and self.vllm_importance_sampling_correction:
-                is_weights = is_ratio.squeeze(-1) if is_ratio.dim() == 2 and is_ratio.shape[1] == 1 else is_ratio
+            is_used = self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction)
+            is_weights = rollout_is_weights(self.loss_type, is_ratio if is_used else None, maskf)
             rollout = None
             if self.off_policy_mask_threshold is not None:
                 rollout = inputs.get("sampling_per_token_logps")
@@ -294,16 +327,7 @@ if _GRPOTrainer is not None:
             entropies = met["entropy"].float()
             on = mask > 0
             lr = torch.where(on, logp - old.float(), torch.zeros_like(logp))
-            if self.importance_sampling_level == "token":
-                log_w = lr
-            else:
-                log_w = ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-            coef_1 = torch.exp(log_w)
-
-            def masked_seq_mean(x):
-                if x.shape[1] == 1:
-                    return x.squeeze(1)
-                return (x * mask).sum(-1) / mask.sum(-1)
+            coef_1 = importance_weights(lr, mask, self.importance_sampling_level)
 
             def global_masked_mean(x):
                 if x.shape[1] == 1:
@@ -320,7 +344,7 @@ if _GRPOTrainer is not None:
             if self._entropy_bonus_enabled:
                 # TRL's policy_loss: the loss before the GA division (dapo family: after its normaliser), KL included
                 policy = (met["loss_policy"] + met.get("loss_kl", torch.zeros_like(met["loss_policy"]))).detach()
-                if self.loss_type not in _GLOBAL_NORM:
+                if self.loss_type not in GLOBAL_NORM:
                     policy = policy * ga
                 self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
                 effective = mask if entropy_mask is None else mask * entropy_mask
@@ -344,34 +368,24 @@ if _GRPOTrainer is not None:
                 if mode == "train" and self.accelerator.sync_gradients:
                     self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
+            per_token_kl = phi = None
             if self.beta != 0.0:
-                d = torch.where(on, ref.float() - logp, torch.zeros_like(logp))
-                per_token_kl = torch.exp(d) - d - 1
-                if self.args.use_bias_correction_kl:
-                    per_token_kl = per_token_kl * coef_1
-                self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl))
-            self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
-
-            if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-                low = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
-                high = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
-                region = low | high
-                self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
-                self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
-                self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(region.float()))
-                gathered_low = self.accelerator.gather(masked_seq_mean(low.float()))
-                self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low).item())
-                gathered_high = self.accelerator.gather(masked_seq_mean(high.float()))
-                self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high).item())
-            elif self.loss_type == "cispo":
-                clipped = (coef_1 > self.epsilon_high) & (advantages > 0)
-                self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
-            elif self.loss_type == "vespo":
+                per_token_kl = k3_kl(torch.where(on, ref.float() - logp, torch.zeros_like(logp)),
+                                     coef_1 if self.args.use_bias_correction_kl else None)
+            if self.loss_type == "vespo":
                 phi = self.get_gamma_weights(advantages=advantages, log_ratio_per_token=lr, mask=mask,
                                              importance_sampling_ratio=is_ratio, k_pos=self.args.vespo_k_pos,
                                              lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
                                              lambda_neg=self.args.vespo_lambda_neg)
-                self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+            terms = metric_terms(self.loss_type, coef_1, advantages, self.epsilon_low, self.epsilon_high,
+                                 per_token_kl=per_token_kl, entropies=entropies, phi=phi)
+            for name, (reduce, x) in terms.items():
+                if reduce == "mean":
+                    value = global_masked_mean(x)
+                else:  # min / max over every rank's sequences
+                    per_seq = self.accelerator.gather(masked_seq_mean(x, mask))
+                    value = (nanmin(per_seq) if reduce == "min" else nanmax(per_seq)).item()
+                self._metrics[mode][name].append(value)
 
 else:  # pragma: no cover
 

@@ -25,7 +25,7 @@ Policy losses
     EMPG, GTPO and D³S shape advantages with the policy entropy, which verl's signature does not carry: pass
     ``entropy=`` (current entropy, detached inside) or ``old_entropy=`` (with ``shaping_entropy="old"``), e.g. by
     wrapping the registered function in the actor. Without either they raise a ``ValueError`` naming the argument.
-    NSR and W-REINFORCE read binary rewards from ``advantages`` (losses.md §4). DCPO's group-token-mean needs
+    NSR and W-REINFORCE read binary rewards from ``advantages`` (docs/losses.md#psr-nsr-and-w-reinforce). DCPO's group-token-mean needs
     ``group_ids`` (else the micro-batch is one group). ``rollout_log_probs`` (older verl) is accepted and ignored.
 
 Registration

@@ -9,7 +9,7 @@ from .. import checks
 from ..backend import resolve_impl
 from ..options import LogProbOptions
 from .reference import linear_logprob_entropy_reference
-from .function import LinearLogprobEntropyFunction
+from .op import linear_logprob_entropy_op
 
 __all__ = ["linear_logprob_entropy"]
 
@@ -25,6 +25,7 @@ def linear_logprob_entropy(
     compute_entropy: bool = True,
     check_targets: Optional[bool] = None,
     impl: Optional[str] = None,
+    chunk_bytes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
 
@@ -37,6 +38,7 @@ def linear_logprob_entropy(
         compute_entropy: if False, entropy is returned as zeros without gradient and its work is skipped.
         check_targets: verify targets lie in ``[0, V)``; default True unless ``FUSEDPG_CHECK_TARGETS=0``.
         impl: ``"triton"``, ``"torch"`` or ``"reference"``; default from ``FUSEDPG_IMPL``, else by device.
+        chunk_bytes: budget of one chunk's ``[rows, V]`` buffer (default: 64 MiB on the torch plan, 1 GiB on Triton).
 
     Returns:
         ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
@@ -48,26 +50,20 @@ def linear_logprob_entropy(
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
     checks.linear_inputs(hidden, weight, targets, bias)
-    if torch.compiler.is_compiling():  # custom op: no graph break; value checks run inside the op
-        from ..integrations.compile import linear_logprob_entropy_op
-
-        if check_targets is None:
-            check_targets = LogProbOptions.default_check_targets()
-        return linear_logprob_entropy_op(hidden, weight, targets, bias=bias, temperature=temperature,
-                                         ignore_index=ignore_index, compute_entropy=compute_entropy,
-                                         check_targets=check_targets, impl=impl)
     lead = hidden.shape[:-1]
     temp = checks.temperature(temperature, lead, hidden.device)
     if check_targets is None:
         check_targets = LogProbOptions.default_check_targets()
-    if check_targets:
-        checks.targets_in_range(targets, weight.shape[0], ignore_index)
     impl = resolve_impl(impl, hidden.device)
     if impl == "reference":
+        if check_targets:
+            checks.targets_in_range(targets, weight.shape[0], ignore_index)
         logp, ent = linear_logprob_entropy_reference(hidden, weight, targets, bias, temperature, ignore_index)
         ent = ent if compute_entropy else torch.zeros_like(ent).detach()
         return logp.float(), ent.float()
-    opts = LogProbOptions(ignore_index=int(ignore_index), compute_entropy=bool(compute_entropy))
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    logp, ent = LinearLogprobEntropyFunction.apply(h2, weight, bias, targets.reshape(-1), temp, opts, impl)
+    logp, ent, _, _ = linear_logprob_entropy_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), *temp.op_args(), int(ignore_index),
+        bool(compute_entropy), bool(check_targets), impl, checks.chunk_bytes(chunk_bytes))
+    if not compute_entropy:
+        ent = ent.detach()
     return logp.reshape(lead), ent.reshape(lead)

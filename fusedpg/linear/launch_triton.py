@@ -6,8 +6,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ..kernel_config import check_triton_dtype, programs_wanted, temperature_arg, tile_config
+from ..kernel_config import check_triton_dtype, programs_wanted, tile_config
 from ..options import LogProbOptions
+from ..temperature import Temperature
 from ..kernels.linear_logprob_entropy import (
     _linear_logprob_entropy_bwd_kernel,
     _linear_logprob_entropy_fwd_kernel,
@@ -20,7 +21,7 @@ def forward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    temp,
+    temp: Temperature,
     opts: LogProbOptions,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``."""
@@ -38,7 +39,7 @@ def forward(
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, q = (torch.empty((splits, n), **f32) for _ in range(3))
     zy = torch.empty(n, **f32)
-    t, stride_t = temperature_arg(temp, n, hidden.device)
+    t, stride_t = temp.kernel_arg(hidden.device)
     y = targets.contiguous()
     _linear_logprob_entropy_fwd_kernel[(row_blocks, splits)](
         hidden, weight, bias if bias is not None else weight, y, t,
@@ -61,7 +62,7 @@ def backward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    temp,
+    temp: Temperature,
     m: torch.Tensor,
     log_s: torch.Tensor,
     entropy: torch.Tensor,
@@ -99,7 +100,7 @@ def backward(
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if need_b:
             db = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
-    t, stride_t = temperature_arg(temp, n, hidden.device)
+    t, stride_t = temp.kernel_arg(hidden.device)
     c = c.float().contiguous()
     d = None if d is None else d.float().contiguous()
     y = targets.contiguous()

@@ -2,7 +2,7 @@
 
 Rows are processed in chunks whose fp32 ``[rows, V]`` logits fit ``opts.chunk_bytes``; the forward keeps three
 floats a row (logp, entropy, lse) and the backward recomputes each chunk's logits (the two-phase plan of
-DESIGN.md §3, 8·N·H·V FLOPs). Inputs are already compacted to non-ignored rows.
+docs/math.md#execution-plans, 8·N·H·V FLOPs). Inputs are already compacted to non-ignored rows.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..options import LogProbOptions
-from ..softmax_math import compute_dtype, divide_temperature_, rows_per_chunk, softmax_grad_, softmax_stats
+from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
+from ..temperature import Temperature
 
 
 def compute_head(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
@@ -21,14 +22,11 @@ def compute_head(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch
     return w, b
 
 
-def tempered_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp, work) -> torch.Tensor:
+def tempered_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp: Temperature,
+                    work) -> torch.Tensor:
     h = h if h.dtype == work else h.to(work)
     z = torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T)
-    return divide_temperature_(z, temp)
-
-
-def slice_temperature(temp, lo: int, hi: int):
-    return temp[lo:hi] if isinstance(temp, torch.Tensor) else temp
+    return temp.divide_(z)
 
 
 def forward(
@@ -36,7 +34,7 @@ def forward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    temp,
+    temp: Temperature,
     opts: LogProbOptions,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``."""
@@ -47,7 +45,7 @@ def forward(
     step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        z = tempered_logits(hidden[lo:hi], w, b, slice_temperature(temp, lo, hi), work)
+        z = tempered_logits(hidden[lo:hi], w, b, temp.slice(lo, hi), work)
         for out, val in zip(outs, softmax_stats(z, targets[lo:hi], opts.compute_entropy)):
             out[lo:hi] = val
     return outs[0], outs[1], outs[2], outs[3]
@@ -58,7 +56,7 @@ def backward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    temp,
+    temp: Temperature,
     m: torch.Tensor,
     log_s: torch.Tensor,
     entropy: torch.Tensor,
@@ -82,7 +80,7 @@ def backward(
     step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        t = slice_temperature(temp, lo, hi)
+        t = temp.slice(lo, hi)
         z = tempered_logits(hidden[lo:hi], w, b, t, work)
         g = softmax_grad_(z, targets[lo:hi], m[lo:hi], log_s[lo:hi], entropy[lo:hi], c[lo:hi],
                           None if d is None else d[lo:hi], t)

@@ -9,20 +9,19 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..linear import linear_logprob_entropy
-from ..objective import (PGLossConfig, batch_coefficients, finalize_metrics, make_config, plan_of, prepare,
-                      token_loss)
-from ..options import LogProbOptions
-from .driver import FusedLinearPGLossFunction, FusedRun
+from ..objective import (LossInputs, PGLossConfig, batch_coefficients, finalize_metrics, make_config, plan_of,
+                         prepare, token_loss)
+from .op import config_key, config_of, fused_linear_pg_loss_op, metric_keys, plan_for
 
 __all__ = ["fused_linear_pg_loss", "FusedLinearPGLoss", "fused_plan"]
 
 
 def fused_plan(config: Optional[PGLossConfig] = None, loss_type: Optional[str] = None, **options) -> str:
-    """The execution plan the fused loss picks for these options: ``"one_pass"`` (gradients formed in the forward,
-    token-local and whole-sequence variants; chunks hold whole sequences) or ``"two_phase"`` (statistics, a
-    batch-wide reduction in torch, then a recompute backward)."""
-    cfg = make_config(config, loss_type, **options)
-    return "two_phase" if plan_of(cfg) == "two_phase" else "one_pass"
+    """The plan the fused loss runs for these options, in the loss layer's words (``plan_of``): ``"one_pass"``
+    (token-local: gradients formed in the forward), ``"sequence"`` (reductions over the token's own sequence: also
+    one pass, because chunks hold whole sequences) or ``"two_phase"`` (statistics, a batch-wide reduction in
+    torch, then a recompute backward)."""
+    return plan_of(make_config(config, loss_type, **options))
 
 
 def fused_linear_pg_loss(
@@ -80,66 +79,48 @@ def fused_linear_pg_loss(
         loss, metrics = fusedpg.pg_loss(logp, advantages, mask, entropy=entropy, old_logp=old_logp, ...)
     """
     checks.linear_inputs(hidden, weight, targets, bias)
-    if torch.compiler.is_compiling():  # custom op: no graph break; validation runs inside the op
-        from ..integrations.compile import config_key, fused_linear_pg_loss_op
-
-        return fused_linear_pg_loss_op(
-            hidden, weight, targets, advantages, mask, config_json=config_key(config, loss_type, **options),
-            old_logp=old_logp, ref_logp=ref_logp, bias=bias, temperature=temperature, seq_ids=seq_ids,
-            return_token_stats=return_token_stats, impl=impl, chunk_bytes=chunk_bytes, plan=plan,
-            rollout_logp=rollout_logp, is_weights=is_weights, old_entropy=old_entropy, group_ids=group_ids,
-            step_ids=step_ids, token_weights=token_weights, truncated=truncated)
     checks.tensor("mask", mask)
     lead = hidden.shape[:-1]
     if tuple(mask.shape) != tuple(lead):
         raise ValueError(f"mask must have hidden's leading shape {tuple(lead)}, got {checks._describe(mask)}")
-    cfg = make_config(config, loss_type, **options)
+    inputs = LossInputs(old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids, step_ids,
+                        token_weights, truncated)
+    key = config_key(config, loss_type, tuple(sorted(options.items())))
+    run_plan = plan_for(key, plan)
     temp = checks.temperature(temperature, lead, hidden.device)
     impl = resolve_impl(impl, hidden.device)
-    work = torch.float64 if hidden.dtype == torch.float64 else None
-    if plan not in (None, "one_pass", "two_phase"):
-        raise ValueError(f"plan must be None, 'one_pass' or 'two_phase', got {plan!r}")
-    auto = "two_phase" if plan_of(cfg) == "two_phase" else "one_pass"
-    if plan == "one_pass" and auto == "two_phase":
-        raise ValueError(f"plan='one_pass' is impossible for loss_type={cfg.loss_type!r} with these options: it "
-                         "needs current-policy reductions over the batch (two_phase)")
-    batch = prepare(advantages, mask, old_logp=old_logp, ref_logp=ref_logp, seq_ids=seq_ids, dtype=work, config=cfg,
-                    rollout_logp=rollout_logp, is_weights=is_weights, old_entropy=old_entropy, group_ids=group_ids,
-                    step_ids=step_ids, token_weights=token_weights, truncated=truncated)
-    y = targets.reshape(-1)
-    active = batch.active
-    if y.numel() and bool(((y < 0) | (y >= weight.shape[0]))[active].any()):
-        bad = y[active & ((y < 0) | (y >= weight.shape[0]))][0].item()
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) on every token of the loss mask, got {bad}")
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if impl == "reference" or (plan or auto) == "two_phase":
-        return _two_phase(h2, weight, bias, y, temperature if impl == "reference" else temp, batch, cfg, impl, lead,
+    if impl == "reference":
+        return _reference(hidden, weight, bias, targets, advantages, mask, inputs, config_of(key), temperature,
                           return_token_stats)
-    opts = LogProbOptions(compute_entropy=True)
-    if chunk_bytes is not None:
-        opts = LogProbOptions(compute_entropy=True, chunk_bytes=int(chunk_bytes), device_chunk_bytes=int(chunk_bytes))
-    run = FusedRun(batch, cfg, y, temp, impl, opts, want_token_stats=return_token_stats)
     grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
-    loss = FusedLinearPGLossFunction.apply(h2, weight, bias, run, needs)
-    metrics = finalize_metrics(run.metrics)
+    out = fused_linear_pg_loss_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), advantages, mask, inputs.as_list(),
+        *temp.op_args(), key, impl, checks.chunk_bytes(chunk_bytes), run_plan,
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, bool(return_token_stats))
+    sums = out[1].detach()
+    metrics = finalize_metrics({k: sums[i] for i, k in enumerate(metric_keys(key, inputs.present()))})
     if return_token_stats:
-        metrics["logp"], metrics["entropy"] = run.logp.reshape(lead), run.entropy.reshape(lead)
-    return loss, metrics
+        metrics["logp"], metrics["entropy"] = out[5].detach().reshape(lead), out[6].detach().reshape(lead)
+    return out[0], metrics
 
 
-def _two_phase(h2, weight, bias, y, temp, batch, cfg, impl, lead, want_stats):
-    """Phase 1 (logp, H for active tokens), the batch-wide reduction, phase 2 through the primitive's backward."""
-    masked = torch.where(batch.active, y, torch.full_like(y, -100))
-    logp, ent = linear_logprob_entropy(h2, weight, masked, bias=bias, temperature=temp, ignore_index=-100,
-                                       check_targets=False, impl=impl)
+def _reference(hidden, weight, bias, targets, advantages, mask, inputs, cfg, temperature, want_stats):
+    """The float64 materialised head, then the loss layer on its differentiable ``[N]`` outputs."""
+    work = torch.float64 if hidden.dtype == torch.float64 else None
+    batch = prepare(advantages, mask, inputs, dtype=work, config=cfg)
+    masked = torch.where(batch.active, targets.reshape(-1), torch.full_like(targets.reshape(-1), -100))
+    logp, ent = linear_logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, masked, bias=bias,
+                                       temperature=temperature if not isinstance(temperature, torch.Tensor)
+                                       else temperature.reshape(-1) if temperature.numel() > 1 else temperature,
+                                       check_targets=False, impl="reference")
     logp, ent = logp.to(batch.dtype), ent.to(batch.dtype)
     if plan_of(cfg) == "two_phase":
         batch = batch.updated(batch_coefficients(batch, logp.detach(), ent.detach(), cfg))
     contrib, sums = token_loss(batch, logp, ent, cfg)
     metrics = finalize_metrics({k: v.detach() for k, v in sums.items()})
     if want_stats:
+        lead = hidden.shape[:-1]
         metrics["logp"], metrics["entropy"] = logp.detach().reshape(lead), ent.detach().reshape(lead)
     return contrib.sum(), metrics
 

@@ -1,11 +1,7 @@
-"""Launcher of the one-pass PG epilogue kernel (kernels/pg_onepass.py) and the rule for when it applies.
-
-It applies to the token-local PPO-clip family (every normaliser, dual clip, delta, GPPO, DCPO bounds), CISPO and
-SAPO, and to the sequence-level ratios of the clip family (GSPO, GSPO-token, LUSPO, any recipe with
-``importance_sampling_level="sequence"``) and GMPO, with any KL estimator (bias-corrected at token level too) and the
-entropy bonus.
-Other one-pass variants take the generic chunk path (per-token coefficients from the loss layer by autograd on the
-chunk's ``[n]`` scalars).
+"""Launchers of the one-pass PG epilogue kernels (kernels/pg_onepass.py) for the variants that declare an
+``EpilogueSpec``. When a config may use them is decided by ``fusedpg.objective.epilogue_spec``, beside the loss
+composition it must match; everything else takes the generic chunk path (per-token coefficients from the loss
+layer by autograd on the chunk's ``[n]`` scalars).
 """
 from __future__ import annotations
 
@@ -16,56 +12,66 @@ import torch
 import triton
 
 from ..backend import triton_interpreting
-from ..kernel_config import temperature_arg
-from ..objective import PGBatch, PGLossConfig, get_variant, plan_of, resolve
+from ..objective import EpilogueSpec, PGBatch, PGLossConfig, resolve
+from ..options import LogProbOptions
 
-_SURROGATES = {"clipped": 0, "gppo": 0, "clipped_absolute": 0, "cispo": None, "sapo": 3, "geo_mean": 0}
+_SURROGATE = {"clip": 0, "cispo_trl": 1, "cispo_verl": 2, "sapo": 3}
 _GMPO = 3  # SEQ code: GMPO's geometric mean of log-space-clipped token ratios
+_SEQ = {"token": 0, "sequence": 1, "sequence_token": 2}
 _KL = {"k1": 1, "kl": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 4}
 
 
-def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[dict]:
-    """Compile-time codes and runtime scalars of the kernel for this config, or None if it does not apply."""
-    cfg = resolve(cfg)
-    fn = get_variant(cfg.loss_type).fn.__name__
-    level = cfg.importance_sampling_level
-    seq = _GMPO if fn == "geo_mean" else {"token": 0, "sequence": 1, "sequence_token": 2}.get(level)
-    if seq is None or (seq in (1, 2) and fn not in ("clipped", "gppo")):
-        return None
-    if (fn not in _SURROGATES or plan_of(cfg) == "two_phase"
-            or cfg.off_policy_mask_threshold is not None or (cfg.kl_bias_correction and seq)
-            or "entropy_mask" in batch.extra
-            or cfg.loss_type == "vespo" or (fn == "clipped_absolute" and "lo" not in batch.extra)):
-        return None
-    surrogate = _SURROGATES[fn]
-    if fn == "cispo":
-        surrogate = 1 if cfg.cispo_mode == "trl" else 2
-    kl = 0
-    if batch.ref_logp is not None and cfg.beta != 0.0:
-        kl = _KL[cfg.kl_estimator.rstrip("+")]
+class Epilogue:
+    """The fused epilogue for one call: kernel codes and runtime scalars from the variant's ``EpilogueSpec``."""
+
+    def __init__(self, spec: EpilogueSpec, cfg: PGLossConfig, batch: PGBatch):
+        self.params = _params(spec, resolve(cfg), batch)
+
+    def run(self, x, y, temp, part: PGBatch, rows):
+        """Over logits ``x [n, V]`` (overwritten by dL/du): (logp, entropy, per-token loss), each fp32 ``[n]``."""
+        if self.params["SEQ"]:
+            return _sequence_epilogue(x, y, temp, part, rows, self.params)
+        return run_epilogue(x, y, temp, part, rows, self.params)
+
+
+def _params(spec: EpilogueSpec, cfg: PGLossConfig, batch: PGBatch) -> dict:
+    seq = _GMPO if spec.geo_mean else _SEQ[cfg.importance_sampling_level]
+    name = spec.surrogate if spec.surrogate != "cispo" else f"cispo_{cfg.cispo_mode}"
+    surrogate = _SURROGATE[name]
+    kl = _KL[cfg.kl_estimator.rstrip("+")] if (batch.ref_logp is not None and cfg.beta != 0.0) else 0
     inf = math.inf
-    if seq == _GMPO:  # -A_bar * rho: the clip surrogate with bounds that never bind, at the sequence log-ratio
-        return dict(SEQ=seq, SURROGATE=0, GRAD_PRESERVING=False, KL=kl, KL_STRAIGHT=_straight(cfg),
-                    ratio_clamp=inf if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp), delta=inf,
-                    dual_c=inf, beta=float(cfg.beta), kl_clamp=inf if cfg.kl_value_clamp is None else
-                    float(cfg.kl_value_clamp), ent_coef=float(cfg.entropy_coef), tau_pos=1.0, tau_neg=1.0,
+    common = dict(SEQ=seq, KL=kl, KL_STRAIGHT=_straight(cfg), beta=float(cfg.beta), ent_coef=float(cfg.entropy_coef),
+                  ratio_clamp=inf if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp),
+                  kl_clamp=inf if cfg.kl_value_clamp is None else float(cfg.kl_value_clamp))
+    if spec.geo_mean:  # -A_bar * rho: the clip surrogate with bounds that never bind, at the sequence log-ratio
+        return dict(common, SURROGATE=0, GRAD_PRESERVING=False, delta=inf, dual_c=inf, tau_pos=1.0, tau_neg=1.0,
                     lo=0.0, hi=inf, log_lo=-float(cfg.epsilon_low), log_hi=float(cfg.epsilon_high))
+    token_bounds = spec.bounds == "token"
     return dict(
+        common, SURROGATE=surrogate, GRAD_PRESERVING=spec.gradient_preserving,
         KL_BIAS=0 if not (cfg.kl_bias_correction and kl) else (2 if cfg.kl_bias_correction_detach else 1),
-        SEQ=seq, SURROGATE=surrogate, GRAD_PRESERVING=fn == "gppo", KL=kl,
-        KL_STRAIGHT=_straight(cfg),
-        ratio_clamp=inf if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp),
-        delta=inf if cfg.delta is None else float(cfg.delta),
-        dual_c=float(cfg.dual_clip_c), beta=float(cfg.beta),
-        kl_clamp=inf if cfg.kl_value_clamp is None else float(cfg.kl_value_clamp),
-        ent_coef=float(cfg.entropy_coef), tau_pos=float(cfg.sapo_tau_pos), tau_neg=float(cfg.sapo_tau_neg),
-        lo=None if fn == "clipped_absolute" else 1.0 - cfg.epsilon_low,
-        hi=None if fn == "clipped_absolute" else (cfg.epsilon_high if surrogate == 1 else 1.0 + cfg.epsilon_high),
+        delta=inf if cfg.delta is None else float(cfg.delta), dual_c=float(cfg.dual_clip_c),
+        tau_pos=float(cfg.sapo_tau_pos), tau_neg=float(cfg.sapo_tau_neg),
+        lo=None if token_bounds else 1.0 - cfg.epsilon_low,
+        hi=None if token_bounds else (cfg.epsilon_high if surrogate == 1 else 1.0 + cfg.epsilon_high),
     )
 
 
 def _straight(cfg) -> bool:
     return cfg.kl_estimator.endswith("+") and cfg.kl_estimator.rstrip("+") not in ("k2", "mse")
+
+
+def _sequence_epilogue(x, y, temp, part, rows, spec):
+    """GSPO family and GMPO: statistics kernel, the sequence terms (two segment sums around one kernel), then the
+    gradient kernel over the same logits buffer."""
+    from ..logits import launch_triton as logits_kernels
+
+    opts = LogProbOptions(compute_entropy=True, inplace=True)
+    valid = torch.ones_like(y, dtype=torch.bool)
+    lp, ent, m, log_s = logits_kernels.forward(x, y, valid, temp, opts)
+    loss, c, d = run_sequence_terms(lp, ent, part, rows, spec)
+    logits_kernels.backward(x, y, valid, temp, m, log_s, ent, c, d if spec["ent_coef"] != 0.0 else None, opts)
+    return lp, ent, loss
 
 
 def run_epilogue(x: torch.Tensor, y: torch.Tensor, temp, part: PGBatch, rows: torch.Tensor, spec: dict):
@@ -82,7 +88,7 @@ def run_epilogue(x: torch.Tensor, y: torch.Tensor, temp, part: PGBatch, rows: to
         if extra is not None:
             w = w * extra
     (lo, s_lo), (hi, s_hi) = _bounds(spec, part, tok, f32)
-    t, stride_t = temperature_arg(temp, n, x.device)
+    t, stride_t = temp.kernel_arg(x.device)
     logp, ent, loss = (torch.empty(n, **f32) for _ in range(3))
     bt, bv = (4, 32) if triton_interpreting() else (1, min(4096, triton.next_power_of_2(vocab)))
     from ..kernels.pg_onepass import _pg_onepass_kernel

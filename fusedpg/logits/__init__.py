@@ -9,7 +9,7 @@ from .. import checks
 from ..backend import resolve_impl
 from ..options import LogProbOptions
 from .reference import logprob_entropy_reference
-from .function import LogprobEntropyFunction
+from .op import logprob_entropy_op
 
 __all__ = ["logprob_entropy"]
 
@@ -24,6 +24,7 @@ def logprob_entropy(
     inplace_backward: bool = False,
     check_targets: Optional[bool] = None,
     impl: Optional[str] = None,
+    chunk_bytes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(logits / temperature)``.
 
@@ -33,7 +34,7 @@ def logprob_entropy(
         temperature: positive float or a tensor of the leading shape (no gradient).
         inplace_backward: write the logits gradient into the logits buffer (saves one N x V tensor; the caller's
             logits are overwritten during backward, so do not reuse them afterwards).
-        check_targets, impl: as in :func:`fusedpg.linear_logprob_entropy`.
+        check_targets, impl, chunk_bytes: as in :func:`fusedpg.linear_logprob_entropy`.
 
     Returns:
         ``(logp, entropy)`` fp32 of the leading shape.
@@ -45,29 +46,22 @@ def logprob_entropy(
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
     checks.logits_inputs(logits, targets)
-    if torch.compiler.is_compiling():  # custom op (inplace_backward is not honoured under compile)
-        from ..integrations.compile import logprob_entropy_op
-
-        if check_targets is None:
-            check_targets = LogProbOptions.default_check_targets()
-        return logprob_entropy_op(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                                  compute_entropy=compute_entropy, check_targets=check_targets, impl=impl)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     temp = checks.temperature(temperature, lead, logits.device)
     if check_targets is None:
         check_targets = LogProbOptions.default_check_targets()
-    if check_targets:
-        checks.targets_in_range(targets, vocab, ignore_index)
     impl = resolve_impl(impl, logits.device)
     if impl == "reference":
+        if check_targets:
+            checks.targets_in_range(targets, vocab, ignore_index)
         logp, ent = logprob_entropy_reference(logits, targets, temperature, ignore_index)
         ent = ent if compute_entropy else torch.zeros_like(ent).detach()
         return logp.float(), ent.float()
     if inplace_backward and not logits.is_contiguous():
         raise ValueError("logits must be contiguous when inplace_backward=True, got a non-contiguous tensor")
-    opts = LogProbOptions(
-        ignore_index=int(ignore_index), compute_entropy=bool(compute_entropy), inplace=bool(inplace_backward)
-    )
-    l2 = logits.reshape(-1, vocab)
-    logp, ent = LogprobEntropyFunction.apply(l2, targets.reshape(-1), temp, opts, impl)
+    logp, ent, _, _ = logprob_entropy_op(
+        logits.reshape(-1, vocab), targets.reshape(-1), *temp.op_args(), int(ignore_index), bool(compute_entropy),
+        bool(check_targets), impl, checks.chunk_bytes(chunk_bytes), bool(inplace_backward))
+    if not compute_entropy:
+        ent = ent.detach()
     return logp.reshape(lead), ent.reshape(lead)

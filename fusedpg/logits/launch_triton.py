@@ -7,9 +7,10 @@ import torch
 import triton
 
 from ..backend import triton_interpreting
-from ..kernel_config import check_triton_dtype, temperature_arg
+from ..kernel_config import check_triton_dtype
 from ..kernels.logprob_entropy import _logprob_entropy_bwd_kernel, _logprob_entropy_fwd_kernel
 from ..options import LogProbOptions
+from ..temperature import Temperature
 
 
 def _blocks(vocab: int):
@@ -24,7 +25,7 @@ def _rowwise(logits: torch.Tensor) -> torch.Tensor:
 
 
 def forward(
-    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp, opts: LogProbOptions
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp: Temperature, opts: LogProbOptions
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``."""
     check_triton_dtype("logits", logits)
@@ -34,7 +35,7 @@ def forward(
     logp, entropy, m, log_s = (torch.empty(n, **f32) for _ in range(4))
     if n == 0:
         return logp, entropy, m, log_s
-    t, stride_t = temperature_arg(temp, n, x.device)
+    t, stride_t = temp.kernel_arg(x.device)
     bt, bv, warps = _blocks(vocab)
     _logprob_entropy_fwd_kernel[(triton.cdiv(n, bt),)](
         x, targets.contiguous(), t, logp, entropy, m, log_s, n, vocab, x.stride(0), stride_t,
@@ -48,7 +49,7 @@ def backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
     valid: torch.Tensor,
-    temp,
+    temp: Temperature,
     m: torch.Tensor,
     log_s: torch.Tensor,
     entropy: torch.Tensor,
@@ -65,7 +66,7 @@ def backward(
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     c = torch.where(valid, c.float(), zero).contiguous()
     d = None if d is None else torch.where(valid, d.float(), zero).contiguous()
-    t, stride_t = temperature_arg(temp, n, x.device)
+    t, stride_t = temp.kernel_arg(x.device)
     bt, bv, warps = _blocks(vocab)
     bt_b, bv_b = (bt, bv) if triton_interpreting() else (4, min(1024, bv))
     _logprob_entropy_bwd_kernel[(triton.cdiv(n, bt_b), triton.cdiv(vocab, bv_b))](

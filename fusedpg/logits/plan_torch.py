@@ -11,16 +11,16 @@ from typing import Optional, Tuple
 import torch
 
 from ..options import LogProbOptions
-from ..softmax_math import compute_dtype, divide_temperature_, rows_per_chunk, softmax_grad_, softmax_stats
+from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
+from ..temperature import Temperature
 
 
-def _chunk(logits: torch.Tensor, lo: int, hi: int, temp, work) -> torch.Tensor:
-    z = logits[lo:hi].to(work, copy=True)
-    return divide_temperature_(z, temp[lo:hi] if isinstance(temp, torch.Tensor) else temp)
+def _chunk(logits: torch.Tensor, lo: int, hi: int, temp: Temperature, work) -> torch.Tensor:
+    return temp.slice(lo, hi).divide_(logits[lo:hi].to(work, copy=True))
 
 
 def forward(
-    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp, opts: LogProbOptions
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp: Temperature, opts: LogProbOptions
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` bool -> (logp, entropy, m, log_s), each ``[N]``."""
     n, vocab = logits.shape
@@ -40,7 +40,7 @@ def backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
     valid: torch.Tensor,
-    temp,
+    temp: Temperature,
     m: torch.Tensor,
     log_s: torch.Tensor,
     entropy: torch.Tensor,
@@ -58,7 +58,7 @@ def backward(
     step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        t = temp[lo:hi] if isinstance(temp, torch.Tensor) else temp
+        t = temp.slice(lo, hi)
         z = _chunk(logits, lo, hi, temp, work)
         g = softmax_grad_(z, targets[lo:hi], m[lo:hi], log_s[lo:hi], entropy[lo:hi], c[lo:hi], None if d is None else d[lo:hi], t)
         out[lo:hi] = g

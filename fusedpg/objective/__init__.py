@@ -1,4 +1,4 @@
-"""Per-token policy-gradient losses (losses.md): variants, aggregation, KL, entropy, rollout IS, OPSM.
+"""Per-token policy-gradient losses (docs/losses.md): variants, aggregation, KL, entropy, rollout IS, OPSM.
 
 Public API:
     pg_loss(logp, advantages, mask, *, entropy, old_logp, ref_logp, loss_type, config, **options) -> (loss, metrics)
@@ -12,14 +12,15 @@ Engine contract (README.md in this folder):
 """
 from .batch import PGBatch, prepare
 from .config import PGLossConfig, make_config, plan_of, requirements, resolve
-from .engine import batch_coefficients, pg_loss, token_loss
+from .engine import batch_coefficients, epilogue_spec, pg_loss, token_loss
+from .inputs import LossInputs
 from .metrics import finalize_metrics, merge_metrics
-from .registry import Variant, get_variant, variant_names
+from .registry import EpilogueSpec, Variant, get_variant, variant_names
 from .regularizers import AdaptiveEntropyCoef
 from .shaping import gtpo_token_weights
 
 __all__ = [
-    "pg_loss", "PGLossConfig", "PGBatch", "prepare", "token_loss", "batch_coefficients", "plan_of",
+    "pg_loss", "PGLossConfig", "PGBatch", "LossInputs", "EpilogueSpec", "epilogue_spec", "prepare", "token_loss", "batch_coefficients", "plan_of",
     "merge_metrics", "finalize_metrics", "get_variant", "variant_names", "Variant", "make_config", "resolve",
     "requirements", "AdaptiveEntropyCoef", "gtpo_token_weights",
 ]

@@ -1,4 +1,5 @@
-"""Aggregation weights ``w_t`` (losses.md §2): ``loss = sum_t w_t * l_t``, a function of the masks only.
+"""Aggregation weights ``w_t`` (docs/losses.md#aggregation): ``loss = sum_t w_t * l_t``, a function of the masks
+only.
 
 The weights are what one rank's micro-step loss multiplies each token by; DDP then averages gradients over P
 ranks (the ``* P`` of the global-count modes cancels that average). Every count is a caller scalar or a local
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-#: TRL loss types whose entropy bonus is the local mean over the effective mask (losses.md §3.3).
+#: TRL loss types whose entropy bonus is the local mean over the effective mask (docs/losses.md#entropy-bonus).
 _TRL_LOCAL_ENTROPY = ("grpo", "bnpo", "dr_grpo", "luspo")
 
 
@@ -72,7 +73,7 @@ def policy_weights(mask: torch.Tensor, seq: torch.Tensor, num_seqs: int, cfg, *,
 
 
 def entropy_weights(mask: torch.Tensor, effective: torch.Tensor, w: torch.Tensor, cfg) -> torch.Tensor:
-    """Weights of the entropy bonus ``H_hat = sum_t w^H_t H_t`` (losses.md §3.3).
+    """Weights of the entropy bonus ``H_hat = sum_t w^H_t H_t`` (docs/losses.md#entropy-bonus).
 
     TRL ``grpo``/``bnpo``/``dr_grpo``/``luspo``: the local mean over the effective mask ``m * M``, divided by GA.
     Everything else (TRL ``dapo`` family, verl modes): the policy weights restricted to ``M``, i.e. the same

@@ -16,6 +16,7 @@ import torch
 
 from . import aggregation
 from .config import PGLossConfig, make_config, resolve
+from .inputs import LossInputs
 from .registry import get_variant
 from .validate import flat_inputs
 
@@ -87,21 +88,12 @@ class PGBatch:
 def prepare(
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    inputs: Optional[LossInputs] = None,
     *,
-    old_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None,
-    rollout_logp: Optional[torch.Tensor] = None,
-    is_weights: Optional[torch.Tensor] = None,
-    old_entropy: Optional[torch.Tensor] = None,
-    seq_ids: Optional[torch.Tensor] = None,
-    group_ids: Optional[torch.Tensor] = None,
-    step_ids: Optional[torch.Tensor] = None,
-    token_weights: Optional[torch.Tensor] = None,
-    truncated: Optional[torch.Tensor] = None,
     dtype: Optional[torch.dtype] = None,
     loss_type: Optional[str] = None,
     config: Optional[PGLossConfig] = None,
-    **options,
+    **kwargs,
 ) -> PGBatch:
     """Build the ``PGBatch`` of one micro-batch from mask-shaped (``[B, T]`` or packed ``[N]``) inputs.
 
@@ -109,12 +101,13 @@ def prepare(
     ``[B, T]`` per token (packed: ``[S]`` or ``[N]``). ``group_ids`` and ``truncated`` are per sequence;
     ``step_ids`` (EMPG turns) and ``token_weights`` (a precomputed multiplier of the policy term, e.g. GTPO's
     conflict weights) are per token. ``dtype`` is the working precision (default: fp32, or fp64 if an input is).
+    The optional tensors come as one ``LossInputs`` or as keywords (``old_logp=...``); other keywords are options.
     """
+    given, options = LossInputs.split(kwargs)
+    inputs = given if inputs is None else inputs
     cfg = resolve(make_config(config, loss_type, **options))
     var = get_variant(cfg.loss_type)
-    f = flat_inputs(cfg, var, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
-                    is_weights=is_weights, old_entropy=old_entropy, seq_ids=seq_ids, group_ids=group_ids,
-                    step_ids=step_ids, token_weights=token_weights, truncated=truncated, dtype=dtype)
+    f = flat_inputs(cfg, var, advantages, mask, inputs, dtype)
     m, seq, nseq = f["mask"], f["seq"], f["num_seqs"]
     # luspo_unmasked (TRL parity) lets padded cells contribute, so they stay active and unsanitised
     active = torch.ones_like(m, dtype=torch.bool) if cfg.luspo_unmasked else m > 0
@@ -139,7 +132,7 @@ def prepare(
 
 
 def _rollout_weights(cfg, f, m, seq, nseq) -> Optional[torch.Tensor]:
-    """Rollout/trainer mismatch weights (losses.md §3.5), detached; or the caller's precomputed ones."""
+    """Rollout/trainer mismatch weights (docs/losses.md#rollout-importance-sampling), detached; or the caller's precomputed ones."""
     f["is_seq_weights"] = f.get("is_weights_per_seq", False)
     if cfg.rollout_is is None:
         w = f.get("is_weights")

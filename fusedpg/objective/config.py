@@ -37,7 +37,7 @@ CHOICES = {
 
 @dataclass(frozen=True)
 class PGLossConfig:
-    """Options of ``pg_loss`` / ``prepare`` / ``token_loss``. See fusedpg/losses/README.md for the formulas.
+    """Options of ``pg_loss`` / ``prepare`` / ``token_loss``. See fusedpg/objective/README.md for the formulas, docs/losses.md for their sources.
 
     Variant and clipping
         loss_type: a registered variant (``fusedpg.objective.variant_names()``).
@@ -50,24 +50,24 @@ class PGLossConfig:
         log_ratio_clamp: every log-ratio is clamped to ``[-c, c]`` before ``exp`` (ratios, sequence ratios, k3's
             exponent, rollout IS, the bias-correction weight). verl and OpenRLHF clamp at 20; TRL and Liger never
             clamp, which overflows fp32 past |log-ratio| ~ 88. ``None`` disables it (exact TRL parity).
-    KL to the reference (losses.md §3.1-3.2)
+    KL to the reference (docs/losses.md#kl-to-the-reference)
         beta, kl_estimator (k1/kl, abs, k2/mse, k3/low_var_kl, and ``+`` straight-through forms),
         kl_value_clamp (verl: 10 for low_var_kl; default none), kl_bias_correction (DeepSeek-V3.2 ``coef_1 * k3``),
         kl_bias_correction_detach (detach ``coef_1``; the paper's choice is unconfirmed, TRL does not detach).
-    Entropy (§3.3-3.4)
+    Entropy (docs/losses.md#entropy-bonus, #top-entropy-mask)
         entropy_coef: static bonus coefficient alpha (``L -= alpha * H_hat``); the adaptive controller is trainer
             state (``fusedpg.objective.AdaptiveEntropyCoef``).
         top_entropy_quantile: keep tokens in the top rho fraction of current entropy (1.0 = off);
         top_entropy_mode: ``"trl"`` (global quantile, ties kept, full denominator, policy term only) or
             ``"original"`` (top-k of ceil(rho N), selected-token denominator for every term).
-    Rollout correction (§3.5-3.6)
+    Rollout correction (docs/losses.md#rollout-importance-sampling, #opsm)
         rollout_is: TRL vLLM IS mode, or None. rollout_is_min / rollout_is_max: its bounds (TRL: None / 3.0).
         off_policy_mask_threshold: OPSM delta (None = off).
-    Aggregation (§2)
+    Aggregation (docs/losses.md#aggregation-modes)
         aggregation: a TRL loss_type name, a verl loss_agg_mode, or ``"group-token-mean"`` (DCPO OTM).
         num_items_in_batch: global valid-token count (TRL) / batch_num_tokens (verl). None: local count.
         num_sequences: verl global_batch_size (non-empty sequences over all ranks). None: local count.
-        gradient_accumulation_steps, world_size: GA and P of losses.md §2.
+        gradient_accumulation_steps, world_size: GA and P (docs/losses.md#notation).
         max_completion_length: Dr.GRPO's L_max (required by ``aggregation="dr_grpo"``).
         loss_scale_factor: verl seq-mean-token-sum-norm's C (default: the padded width T).
         luspo_unmasked: TRL/Liger parity for LUSPO's token-shaped form, which averages over all B*T cells.
@@ -259,9 +259,6 @@ def _check_combination(cfg: PGLossConfig, var) -> None:
         raise ValueError(f"kl_bias_correction needs an importance ratio; loss_type={name!r} has none")
 
 
-_PLAN_NAMES = {"token": "one_pass", "sequence": "sequence", "batch": "two_phase"}
-
-
 def plan_of(config: PGLossConfig) -> str:
     """``"one_pass"`` (token-local), ``"sequence"`` (reductions over the token's own sequence: one pass when chunks
     hold whole sequences) or ``"two_phase"`` (current-policy reductions over the batch: run
@@ -270,12 +267,12 @@ def plan_of(config: PGLossConfig) -> str:
         raise TypeError(f"config must be a PGLossConfig, got {type(config).__name__}")
     cfg = resolve(config)
     var = get_variant(cfg.loss_type)
-    cls = "token" if (var.entropy_shaped and cfg.shaping_entropy == "old") else var.plan
-    if cls == "token" and (cfg.importance_sampling_level != "token" or cfg.off_policy_mask_threshold is not None):
-        cls = "sequence"
+    plan = "one_pass" if (var.entropy_shaped and cfg.shaping_entropy == "old") else var.plan
+    if plan == "one_pass" and (cfg.importance_sampling_level != "token" or cfg.off_policy_mask_threshold is not None):
+        plan = "sequence"
     if cfg.top_entropy_quantile < 1.0:
-        cls = "batch"
-    return _PLAN_NAMES[cls]
+        plan = "two_phase"
+    return plan
 
 
 def requirements(cfg: PGLossConfig) -> frozenset:

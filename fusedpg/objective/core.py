@@ -125,7 +125,8 @@ def clipped_surrogate(r: torch.Tensor, A: torch.Tensor, lo, hi, *, dual_c: float
 
 def kl_estimate(lp: torch.Tensor, ref: torch.Tensor, name: str, exp_bound: Optional[float],
                 value_bound: Optional[float]) -> torch.Tensor:
-    """KL(pi || ref) per token, ``delta = lp - ref`` (losses.md §3.1). ``X+``: value of X, gradient of k2."""
+    """KL(pi || ref) per token, ``delta = lp - ref`` (docs/losses.md#kl-to-the-reference). ``X+``: value of X,
+    gradient of k2."""
     d = lp - ref
     base = name.rstrip("+")
     if base in ("k1", "kl"):

@@ -16,8 +16,9 @@ from .. import checks
 from .batch import PGBatch, prepare
 from .config import PGLossConfig, make_config, plan_of, requirements, resolve
 from .core import TokenContext, exp_clamped, kl_estimate
+from .inputs import LossInputs
 from .metrics import MetricSums, finalize_metrics
-from .registry import get_variant
+from .registry import EpilogueSpec, get_variant
 from . import selection
 
 _READY = "phase2_ready"
@@ -57,11 +58,34 @@ def batch_coefficients(batch: PGBatch, logp: torch.Tensor, entropy: Optional[tor
     return out
 
 
+def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[EpilogueSpec]:
+    """The allow-list of the fused Triton epilogue: its spec when the epilogue computes exactly what
+    ``token_loss`` below composes for this config and batch, else ``None`` (the generic path, which runs
+    ``token_loss`` itself). The epilogue implements: the variant's surrogate (its ``EpilogueSpec``) at the levels
+    the spec allows, ``token_weights``, the rollout IS weight, the aggregation weights, KL with every estimator
+    (bias-corrected at token level), and the entropy bonus. A term of ``token_loss`` not listed here must route
+    to the generic path: add its condition below when you add the term."""
+    cfg = resolve(cfg)
+    spec = get_variant(cfg.loss_type).epilogue
+    if spec is None or plan_of(cfg) == "two_phase":
+        return None
+    level = cfg.importance_sampling_level
+    if level != "token" and not spec.sequence_ratio:
+        return None
+    if cfg.kl_bias_correction and (level != "token" or spec.geo_mean):
+        return None
+    if cfg.off_policy_mask_threshold is not None or "entropy_mask" in batch.extra:  # OPSM, top-entropy mask
+        return None
+    if spec.bounds == "token" and "lo" not in batch.extra:
+        return None
+    return spec
+
+
 def token_loss(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tensor],
                cfg: PGLossConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-token contributions ``[n]`` (summing to this slice's share of the loss) and mergeable metric sums.
 
-    Composition (losses.md §1.4, TRL order): ``l_t`` of the variant, times ``token_weights``, the OPSM sequence
+    Composition (docs/losses.md#composition-order, TRL order): ``l_t`` of the variant, times ``token_weights``, the OPSM sequence
     mask, the top-entropy mask and the rollout IS weight (VESPO folds IS itself); ``w_t (l_t + beta KL_t)``;
     minus ``entropy_coef * w^H_t H_t``.
     """
@@ -92,6 +116,7 @@ def token_loss(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tenso
             ms.add("opsm_kept_count", float(ctx.seg.num))
         else:
             ms.add("opsm_kept_sum", keep.to(dt) * ctx.m)
+            ms.add("opsm_kept_count", ctx.m)  # the same keys whatever the advantages' shape
     em = batch.extra.get("entropy_mask")
     if em is not None:
         pol = pol * em
@@ -222,9 +247,9 @@ def pg_loss(
             if tuple(t.shape) != tuple(mask.shape):
                 raise ValueError(f"{name} must have the shape of mask {tuple(mask.shape)}, got {checks._describe(t)}")
     work = torch.float64 if logp.dtype == torch.float64 else None
-    batch = prepare(advantages, mask, old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp,
-                    is_weights=is_weights, old_entropy=old_entropy, seq_ids=seq_ids, group_ids=group_ids,
-                    step_ids=step_ids, token_weights=token_weights, truncated=truncated, dtype=work, config=cfg)
+    inputs = LossInputs(old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids, step_ids,
+                        token_weights, truncated)
+    batch = prepare(advantages, mask, inputs, dtype=work, config=cfg)
     lp = logp.reshape(-1)
     h = None if entropy is None else entropy.reshape(-1)
     if plan_of(cfg) == "two_phase":

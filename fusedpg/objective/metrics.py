@@ -1,4 +1,4 @@
-"""Mergeable metric sums (losses.md §1.5) and their finalisation into means.
+"""Mergeable metric sums (docs/losses.md#metrics) and their finalisation into means.
 
 ``token_loss`` returns a dict of 0-dim detached tensors. Keys ending in ``_min``/``_max`` merge by min/max,
 everything else adds, so chunks (and, by the trainer, ranks) combine with ``merge_metrics``. ``finalize_metrics``

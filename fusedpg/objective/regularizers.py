@@ -1,4 +1,5 @@
-"""Trainer-side state of the regularisers: the adaptive entropy coefficient (Skywork-OR1, losses.md §3.3)."""
+"""Trainer-side state of the regularisers: the adaptive entropy coefficient (Skywork-OR1,
+docs/losses.md#adaptive-entropy-coefficient)."""
 from __future__ import annotations
 
 from typing import Dict

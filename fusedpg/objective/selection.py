@@ -1,4 +1,5 @@
-"""Batch-scoped selections of the two-phase variants (losses.md §3.4, §4.11, §4.14, §4.15, §4.17).
+"""Batch-scoped selections of the two-phase variants (docs/losses.md: #top-entropy-mask, #bapo,
+#clip-cov-and-kl-cov, #d3s).
 
 Each takes the *detached* full-batch values (current ``logp``/``H``, or the old entropy for a one-pass
 variant) and returns per-token quantities that make the loss token-local again. Populations are the valid
@@ -36,10 +37,11 @@ def top_k_mask(score: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor
 
 
 def top_entropy(batch, entropy: torch.Tensor, cfg, threshold: Optional[torch.Tensor] = None) -> dict:
-    """80/20 forking-token mask (§3.4). ``trl``: keep ``H >= quantile(H_valid, 1 - rho)`` (ties kept), mask the
-    policy term and the entropy bonus, keep the full denominators. ``original``: keep the top ``ceil(rho N)``
-    tokens and use them as the aggregation mask of every term (selected-token denominator). ``threshold``
-    replaces the local quantile (e.g. TRL's quantile over all ranks, computed by the trainer)."""
+    """80/20 forking-token mask (docs/losses.md#top-entropy-mask). ``trl``: keep
+    ``H >= quantile(H_valid, 1 - rho)`` (ties kept), mask the policy term and the entropy bonus, keep the full
+    denominators. ``original``: keep the top ``ceil(rho N)`` tokens and use them as the aggregation mask of every
+    term (selected-token denominator). ``threshold`` replaces the local quantile (e.g. TRL's quantile over all
+    ranks, computed by the trainer)."""
     valid = batch.mask > 0
     rho = cfg.top_entropy_quantile
     if not bool(valid.any()):
@@ -71,8 +73,8 @@ def covariance(batch, logp: torch.Tensor) -> torch.Tensor:
 
 
 def clip_cov_keep(batch, logp: torch.Tensor, cfg) -> dict:
-    """Clip-Cov (§4.14): among valid, not PPO-clipped tokens with ``lb < Cov < ub``, zero ``k`` picked
-    uniformly at random (``cfg.seed`` seeds a private generator; None uses torch's global RNG)."""
+    """Clip-Cov (docs/losses.md#clip-cov-and-kl-cov): among valid, not PPO-clipped tokens with ``lb < Cov < ub``,
+    zero ``k`` picked uniformly at random (``cfg.seed`` seeds a private generator; None uses torch's global RNG)."""
     valid = batch.mask > 0
     a = batch.advantages
     r = exp_clamped(logp - batch.old_logp, cfg.log_ratio_clamp)
@@ -89,14 +91,16 @@ def clip_cov_keep(batch, logp: torch.Tensor, cfg) -> dict:
 
 
 def kl_cov_select(batch, logp: torch.Tensor, cfg) -> dict:
-    """KL-Cov (§4.15): the top ``max(1, floor(ratio N))`` valid tokens by Cov get the ``kappa |lr|`` penalty."""
+    """KL-Cov (docs/losses.md#clip-cov-and-kl-cov): the top ``max(1, floor(ratio N))`` valid tokens by Cov get
+    the ``kappa |lr|`` penalty."""
     valid = batch.mask > 0
     k = max(1, int(int(valid.sum()) * cfg.kl_cov_ratio))
     return {"kl_cov_sel": top_k_mask(covariance(batch, logp), valid, k).to(batch.dtype)}
 
 
 def bapo_bounds(batch, logp: torch.Tensor, cfg) -> dict:
-    """BAPO (§4.11): raise ``c_low`` then ``c_high`` in steps until the positive contribution reaches the target.
+    """BAPO (docs/losses.md#bapo): raise ``c_low`` then ``c_high`` in steps until the positive contribution reaches
+    the target.
 
     ``e_t = m A (A >= 0 ? min(r, c_high) : max(r, c_low))``, ``pos = sum max(e, 0)``, ``neg = sum max(-e, 0)``;
     target kind ``share``: ``pos / (pos + neg) >= target`` (paper, rho_0 = 0.5), ``ratio``: ``pos / neg >= target``
@@ -136,7 +140,8 @@ def d3s_keep(batch, entropy: torch.Tensor, cfg) -> dict:
 
 
 def seq_entropy_shaped_advantage(a: torch.Tensor, mean_h: torch.Tensor, cfg) -> torch.Tensor:
-    """GTPO (§4.16): ``A_hat = 0`` if the sequence's mean entropy exceeds the threshold, else ``A - coef * H``."""
+    """GTPO (docs/losses.md#gtpo): ``A_hat = 0`` if the sequence's mean entropy exceeds the threshold, else
+    ``A - coef * H``."""
     return torch.where(mean_h > cfg.gtpo_entropy_threshold, torch.zeros_like(a), a - cfg.gtpo_entropy_coef * mean_h)
 
 

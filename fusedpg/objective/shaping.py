@@ -1,4 +1,5 @@
-"""Precomputed per-token shaping of the loss (class 1, no gradient): GTPO's conflict-token weights (§4.16).
+"""Precomputed per-token shaping of the loss (mask-only, no gradient): GTPO's conflict-token weights
+(docs/losses.md#gtpo).
 
 The result goes to ``pg_loss(..., token_weights=...)``, which multiplies the policy term of each token.
 """
@@ -17,7 +18,8 @@ __all__ = ["gtpo_token_weights"]
 @torch.no_grad()
 def gtpo_token_weights(token_ids: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, group_ids=None, *,
                        group_sizes=None, divide_by_conflicts: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """GTPO conflict-token weights (§4.16) for ``pg_loss(..., token_weights=...)``: ``(delta / n_conf, n_conf)``.
+    """GTPO conflict-token weights (docs/losses.md#gtpo) for ``pg_loss(..., token_weights=...)``:
+    ``(delta / n_conf, n_conf)``.
 
     Within a group, position ``t`` of completion ``i`` (token ``v``) conflicts when ``v`` sits at ``t`` in at
     least one completion with ``A > 0`` and one with ``A < 0``. Only the contiguous run of conflicts from the

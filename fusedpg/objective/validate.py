@@ -7,6 +7,7 @@ import torch
 
 from .. import checks
 from .config import plan_of, requirements
+from .inputs import LossInputs
 
 _SEQ_AGGREGATIONS = ("grpo", "dr_grpo", "luspo", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -51,8 +52,9 @@ def _per_seq_or_token(name: str, t: torch.Tensor, mask: torch.Tensor, nseq: int,
     raise ValueError(f"{name} must have shape {expect} to match mask {tuple(mask.shape)}, got {checks._describe(t)}")
 
 
-def flat_inputs(cfg, var, advantages, mask, *, old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids,
-                group_ids, step_ids, token_weights, truncated, dtype) -> dict:
+def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
+    old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids, step_ids, token_weights, \
+        truncated = inputs.as_list()
     checks.tensor("mask", mask)
     if mask.dim() not in (1, 2):
         raise ValueError(f"mask must be [B, T] or packed [N], got {checks._describe(mask)}")

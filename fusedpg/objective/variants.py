@@ -1,11 +1,11 @@
-"""Every policy-loss variant of losses.md §4, each written once as a function of per-token scalars.
+"""Every policy-loss variant (docs/losses.md#variants), each written once as a function of per-token scalars.
 
 A variant function takes a ``TokenContext`` (``ctx.lp``, ``ctx.lr``, ``ctx.A``, ``ctx.ratio()``, ``ctx.seg`` for
 sequence reductions, ``ctx.batch`` for precomputed per-token quantities, ``ctx.cfg``) and returns a
 ``Surrogate``: the per-token policy loss ``l_t`` (sequence-level values broadcast over their tokens) and the
 metric indicators. Aggregation, rollout IS, OPSM, the entropy mask, KL and the entropy bonus are composed by
-``token_loss`` (losses.md §1.4), never here. Recipes that share a surrogate are registered on the same function.
-Per-variant derivations of ``c_t``/``d_t``: README.md in this folder.
+``token_loss`` (docs/losses.md#composition-order), never here. Recipes that share a surrogate are registered on the
+same function. Per-variant derivations of ``c_t``/``d_t``: README.md in this folder.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch
 
 from . import selection
 from .core import Surrogate, clipped_surrogate, exp_clamped
-from .registry import register
+from .registry import EpilogueSpec, register
+
+_CLIP = EpilogueSpec("clip", sequence_ratio=True)
 
 _OLD = ("old_logp",)
 
@@ -26,7 +28,8 @@ def _bounds(cfg):
 
 # ----------------------------------------------------------------------------------- PPO-clip family (token)
 def _binary_rewards(mode):
-    """PSR / NSR / W-REINFORCE (§4.13): ``advantages`` holds binary rewards R in {0, 1}, mapped once here."""
+    """PSR / NSR / W-REINFORCE (docs/losses.md#psr-nsr-and-w-reinforce): ``advantages`` holds binary rewards
+    R in {0, 1}, mapped once here."""
 
     def prep(batch, cfg):
         from ..advantages import psr_nsr_advantages
@@ -42,7 +45,8 @@ def _binary_rewards(mode):
 
 
 def _dcpo_bounds(batch, cfg):
-    """DCPO (§4.10): per-token bounds from the old probability q: ``|(r - 1) r q| <= eps``, hi capped at max(c, 10)."""
+    """DCPO (docs/losses.md#dcpo): per-token bounds from the old probability q: ``|(r - 1) r q| <= eps``, hi capped
+    at max(c, 10)."""
     q = torch.exp(batch.old_logp)
     lo = 0.5 + 0.5 * torch.sqrt((1.0 - 4.0 * cfg.epsilon_low / q).clamp(min=0.0))
     cap = max(cfg.dual_clip_c, 10.0)
@@ -71,49 +75,59 @@ _PPO = dict(epsilon_low=0.2, epsilon_high=0.2)
 _GSPO = dict(epsilon_low=3e-4, epsilon_high=4e-4)
 
 
-@register("ppo", plan="token", needs=_OLD, clipped=True, defaults=dict(_PPO, dual_clip_c=3.0))
-@register("grpo", plan="token", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="grpo"))
-@register("dr_grpo", plan="token", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="dr_grpo"))
-@register("dapo", plan="token", needs=_OLD, clipped=True, defaults=dict(epsilon_high=0.28, aggregation="dapo"))
-@register("bnpo", plan="token", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="bnpo"))
-@register("bnpo_adv", plan="token", needs=_OLD, clipped=True,
+@register("ppo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, dual_clip_c=3.0))
+@register("grpo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="grpo"))
+@register("dr_grpo", epilogue=_CLIP, 
+          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="dr_grpo"))
+@register("dapo", epilogue=_CLIP, 
+          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(epsilon_high=0.28, aggregation="dapo"))
+@register("bnpo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="bnpo"))
+@register("bnpo_adv", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True,
           defaults=dict(epsilon_high=0.28, dual_clip_c=10.0, aggregation="seq-mean-token-sum"))
-@register("ngrpo", plan="token", needs=_OLD, clipped=True, defaults=dict(epsilon_low=0.16, epsilon_high=0.24))
-@register("aepo", plan="token", needs=_OLD, clipped=True, defaults=_PPO)
-@register("psr", plan="token", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("psr"))
-@register("nsr", plan="token", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("nsr"))
-@register("w_reinforce", plan="token", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("w_reinforce"))
-@register("top_entropy", plan="batch", needs=_OLD, clipped=True,
+@register("ngrpo", epilogue=_CLIP, 
+          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(epsilon_low=0.16, epsilon_high=0.24))
+@register("aepo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO)
+@register("psr", epilogue=_CLIP, 
+          plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("psr"))
+@register("nsr", epilogue=_CLIP, 
+          plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("nsr"))
+@register("w_reinforce", epilogue=_CLIP, 
+          plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("w_reinforce"))
+@register("top_entropy", epilogue=_CLIP, plan="two_phase", needs=_OLD, clipped=True,
           defaults=dict(epsilon_high=0.28, aggregation="dapo", top_entropy_quantile=0.2))
-@register("gspo", plan="sequence", needs=_OLD, clipped=True,
+@register("gspo", epilogue=_CLIP, plan="sequence", needs=_OLD, clipped=True,
           defaults=dict(_GSPO, importance_sampling_level="sequence", aggregation="grpo"))
-@register("gspo_token", plan="sequence", needs=_OLD, clipped=True,
+@register("gspo_token", epilogue=_CLIP, plan="sequence", needs=_OLD, clipped=True,
           defaults=dict(_GSPO, importance_sampling_level="sequence_token", aggregation="seq-mean-token-mean"))
-@register("luspo", plan="sequence", needs=_OLD, clipped=True,
+@register("luspo", epilogue=_CLIP, plan="sequence", needs=_OLD, clipped=True,
           defaults=dict(_GSPO, importance_sampling_level="sequence", aggregation="luspo"))
-@register("empg", plan="batch", needs=_OLD, clipped=True, defaults=_PPO, entropy_shaped=True,
+@register("empg", epilogue=_CLIP, plan="two_phase", needs=_OLD, clipped=True, defaults=_PPO, entropy_shaped=True,
           prep=_entropy_hook(_empg), coef=_empg)
 def clipped(ctx) -> Surrogate:
     """PPO clip ``max(-A r, -A clip(r, 1-eps_l, 1+eps_h))`` with optional dual clip and ``delta``; ``r`` at
-    ``importance_sampling_level`` (GSPO: the sequence ratio). One function, many recipes (§4.1-4.6, 4.12, 4.13,
-    4.18-4.20, 4.25, 4.26). EMPG shapes ``A`` beforehand (precomputed from ``old_entropy``, or two-phase from the
-    current entropy); its step-entropy details are [unconfirmed] upstream, see ``advantages.empg_advantages``.
+    ``importance_sampling_level`` (GSPO: the sequence ratio). One function, many recipes (docs/losses.md#variants:
+    PPO, GRPO, Dr.GRPO, DAPO, BNPO, GSPO, NGRPO, PSR/NSR/W-REINFORCE, EMPG, the 80/20 mask, AEPO, LUSPO, delta).
+    EMPG shapes ``A`` beforehand (precomputed from ``old_entropy``, or two-phase from the current entropy); its
+    step-entropy details are [unconfirmed] upstream, see ``advantages.empg_advantages``.
     LUSPO: the masked sequence form; TRL's unmasked B*T mean only with ``luspo_unmasked`` (parity)."""
     lo, hi = _bounds(ctx.cfg)
     return clipped_surrogate(ctx.ratio(), ctx.A, lo, hi, dual_c=ctx.cfg.dual_clip_c, delta=ctx.cfg.delta)
 
 
-@register("gppo", plan="token", needs=_OLD, clipped=True, defaults=dict(epsilon_high=0.28, dual_clip_c=10.0))
+@register("gppo", epilogue=EpilogueSpec("clip", gradient_preserving=True, sequence_ratio=True), 
+          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(epsilon_high=0.28, dual_clip_c=10.0))
 def gppo(ctx) -> Surrogate:
-    """GPPO (§4.9): the clip keeps the gradient ``-A * bound`` outside the range instead of zeroing it."""
+    """GPPO (docs/losses.md#gppo): the clip keeps the gradient ``-A * bound`` outside the range instead of zeroing
+    it."""
     lo, hi = _bounds(ctx.cfg)
     return clipped_surrogate(ctx.ratio(), ctx.A, lo, hi, dual_c=ctx.cfg.dual_clip_c, delta=ctx.cfg.delta,
                              gradient_preserving=True)
 
 
-@register("dcpo", plan="token", needs=_OLD, clipped=True, prep=_dcpo_bounds,
+@register("dcpo", epilogue=EpilogueSpec("clip", bounds="token"), 
+          plan="one_pass", needs=_OLD, clipped=True, prep=_dcpo_bounds,
           defaults=dict(epsilon_high=0.28, dual_clip_c=10.0, aggregation="group-token-mean"))
-@register("bapo", plan="batch", needs=_OLD, clipped=True, coef=selection.bapo_bounds, defaults=dict(dual_clip_c=3.0))
+@register("bapo", plan="two_phase", needs=_OLD, clipped=True, coef=selection.bapo_bounds, defaults=dict(dual_clip_c=3.0))
 def clipped_absolute(ctx) -> Surrogate:
     """PPO clip with absolute per-token bounds from ``batch.extra['lo'/'hi']``: DCPO (from the old probability,
     precomputed) and BAPO (searched on the current batch, two-phase)."""
@@ -121,13 +135,14 @@ def clipped_absolute(ctx) -> Surrogate:
     return clipped_surrogate(ctx.ratio(), ctx.A, e["lo"], e["hi"], dual_c=ctx.cfg.dual_clip_c, delta=ctx.cfg.delta)
 
 
-@register("clip_cov", plan="batch", needs=_OLD, clipped=True, coef=selection.clip_cov_keep, defaults=_PPO)
-@register("d3s", plan="batch", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="grpo"),
+@register("clip_cov", plan="two_phase", needs=_OLD, clipped=True, coef=selection.clip_cov_keep, defaults=_PPO)
+@register("d3s", plan="two_phase", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="grpo"),
           entropy_shaped=True, prep=_entropy_hook(selection.d3s_keep), coef=selection.d3s_keep)
 def clipped_selected(ctx) -> Surrogate:
     """PPO clip times a token selection ``keep`` (Clip-Cov: random high-covariance tokens zeroed but kept in the
     denominator; D³S: top-|A|·H tokens kept). D³S is [unconfirmed] upstream (no code): ratio 0.2 of the local
-    batch's valid tokens, current entropy by default, the mask keeps the denominator (README §5)."""
+    batch's valid tokens, current entropy by default, the mask keeps the denominator
+    (fusedpg/objective/README.md#decisions; docs/losses.md#d3s)."""
     lo, hi = _bounds(ctx.cfg)
     s = clipped_surrogate(ctx.ratio(), ctx.A, lo, hi, dual_c=ctx.cfg.dual_clip_c, delta=ctx.cfg.delta)
     keep = ctx.batch.extra["keep"]
@@ -135,11 +150,12 @@ def clipped_selected(ctx) -> Surrogate:
 
 
 # ------------------------------------------------------------------------------------- other token variants
-@register("cispo", plan="token", needs=_OLD, defaults=lambda cfg: dict(
+@register("cispo", epilogue=EpilogueSpec("cispo"), plan="one_pass", needs=_OLD, defaults=lambda cfg: dict(
     epsilon_low=0.2, epsilon_high=5.0, aggregation="dapo") if cfg.cispo_mode == "trl" else dict(
     epsilon_low=10.0, epsilon_high=0.2, aggregation="dapo"))
 def cispo(ctx) -> Surrogate:
-    """CISPO (§4.7): ``-sg(w) A logp``; TRL: ``w = min(r, eps_high)`` (absolute cap), verl: ``clip(r)``."""
+    """CISPO (docs/losses.md#cispo): ``-sg(w) A logp``; TRL: ``w = min(r, eps_high)`` (absolute cap), verl:
+    ``clip(r)``."""
     r, a, cfg = ctx.ratio(), ctx.A, ctx.cfg
     if cfg.cispo_mode == "trl":
         w = r.clamp(max=cfg.epsilon_high)
@@ -151,33 +167,46 @@ def cispo(ctx) -> Surrogate:
     return Surrogate(-w.detach() * a * ctx.lp, r.detach(), low.detach(), high.detach())
 
 
-@register("sapo", plan="token", needs=_OLD, defaults=dict(aggregation="grpo"))
+@register("topr", plan="one_pass", needs=_OLD, defaults=dict(aggregation="dapo"))
+def topr(ctx) -> Surrogate:
+    """TOPR (Tapered Off-Policy REINFORCE, Le Roux et al. 2025, arXiv 2503.14286): REINFORCE without importance
+    weight where ``A >= 0``, and with the truncated weight ``sg(min(r, 1))`` where ``A < 0``: ``-w A logp``. The
+    paper's ratio is the trajectory's; ``importance_sampling_level="sequence"`` gives that, the default is per token."""
+    r, a = ctx.ratio(), ctx.A
+    w = torch.where(a >= 0, torch.ones_like(r), r.clamp(max=1.0))
+    none = torch.zeros_like(a, dtype=torch.bool)
+    return Surrogate(-w.detach() * a * ctx.lp, r.detach(), none, (r > 1.0).detach() & (a < 0))
+
+
+@register("sapo", epilogue=EpilogueSpec("sapo"), plan="one_pass", needs=_OLD, defaults=dict(aggregation="grpo"))
 def sapo(ctx) -> Surrogate:
-    """SAPO (§4.8): soft gate ``-A (4/tau) sigmoid(tau (r - 1))``, tau by the sign of A. No clipping."""
+    """SAPO (docs/losses.md#sapo): soft gate ``-A (4/tau) sigmoid(tau (r - 1))``, tau by the sign of A. No clipping."""
     r, a, cfg = ctx.ratio(), ctx.A, ctx.cfg
     tau = torch.where(a > 0, torch.full_like(a, cfg.sapo_tau_pos), torch.full_like(a, cfg.sapo_tau_neg))
     none = torch.zeros_like(a, dtype=torch.bool)
     return Surrogate(-a * torch.sigmoid(tau * (r - 1.0)) * 4.0 / tau, r.detach(), none, none)
 
 
-@register("kl_cov", plan="batch", needs=_OLD, coef=selection.kl_cov_select)
+@register("kl_cov", plan="two_phase", needs=_OLD, coef=selection.kl_cov_select)
 def kl_cov(ctx) -> Surrogate:
-    """KL-Cov (§4.15): unclipped ``-A r``, plus ``kappa |lr|`` on the selected high-covariance tokens."""
+    """KL-Cov (docs/losses.md#clip-cov-and-kl-cov): unclipped ``-A r``, plus ``kappa |lr|`` on the selected
+    high-covariance tokens."""
     r, sel = ctx.ratio(), ctx.batch.extra["kl_cov_sel"]
     loss = -ctx.A * r + ctx.cfg.kl_cov_coef * ctx.lr.abs() * sel
     return Surrogate(loss, r.detach(), extra={"selected_sum": ctx.m * sel})
 
 
-@register("gpg", plan="token", ratio=False)
+@register("gpg", plan="one_pass", ratio=False)
 def gpg(ctx) -> Surrogate:
-    """GPG (§4.22): ``-A logp``; no ratio, no clip."""
+    """GPG (docs/losses.md#gpg): ``-A logp``; no ratio, no clip."""
     return Surrogate(-ctx.A * ctx.lp)
 
 
-@register("alol_token", plan="token", ratio=False, defaults=dict(epsilon_low=0.9, epsilon_high=0.9,
+@register("alol_token", plan="one_pass", ratio=False, defaults=dict(epsilon_low=0.9, epsilon_high=0.9,
                                                                  aggregation="seq-mean-token-sum"))
 def alol_token(ctx) -> Surrogate:
-    """A-LoL token ratio (§4.21, "A-LoL seq" upstream): ``-A sg(clip(exp(logp - ref))) logp`` per token."""
+    """A-LoL token ratio (docs/losses.md#a-lol, "A-LoL seq" upstream): ``-A sg(clip(exp(logp - ref))) logp`` per
+    token."""
     lo, hi = _bounds(ctx.cfg)
     rho = torch.ones_like(ctx.lp) if ctx.cfg.alol_ratio == "none" else \
         exp_clamped(ctx.lp.detach() - ctx.ref, ctx.cfg.log_ratio_clamp).clamp(lo, hi)
@@ -188,7 +217,7 @@ def alol_token(ctx) -> Surrogate:
 @register("alol", plan="sequence", ratio=False, defaults=dict(epsilon_low=0.9, epsilon_high=0.9,
                                                               aggregation="seq-mean-token-sum"))
 def alol(ctx) -> Surrogate:
-    """A-LoL (§4.21): sequence ratio ``clip(exp(sum_t m (logp - ref)))`` detached, times ``-A logp``."""
+    """A-LoL (docs/losses.md#a-lol): sequence ratio ``clip(exp(sum_t m (logp - ref)))`` detached, times ``-A logp``."""
     lo, hi = _bounds(ctx.cfg)
     if ctx.cfg.alol_ratio == "none":
         rho = torch.ones_like(ctx.lp)
@@ -208,11 +237,11 @@ def _geo_mean_is(batch, cfg):
     return {"is_weights": seg.bcast(torch.exp(seg.masked_mean(torch.log(batch.is_weights + 1e-10))))}
 
 
-@register("geo_mean", plan="sequence", needs=_OLD, prep=_geo_mean_is,
+@register("geo_mean", epilogue=EpilogueSpec("clip", geo_mean=True), plan="sequence", needs=_OLD, prep=_geo_mean_is,
           defaults=dict(epsilon_low=0.4, epsilon_high=0.4, aggregation="grpo"))
 def geo_mean(ctx) -> Surrogate:
-    """GMPO (§4.23): per-token clip of ``lr`` in log space on the binding side, ``rho_i = exp(mean_t lr')``,
-    ``l_i = -mean_t(A) rho_i``. Bounds are log-space: ``[-eps_low, eps_high]``."""
+    """GMPO (docs/losses.md#gmpo): per-token clip of ``lr`` in log space on the binding side,
+    ``rho_i = exp(mean_t lr')``, ``l_i = -mean_t(A) rho_i``. Bounds are log-space: ``[-eps_low, eps_high]``."""
     cfg, lr, a, seg = ctx.cfg, ctx.lr, ctx.A, ctx.seg
     sgn = torch.sign(a)
     lr_c = sgn * torch.min(sgn * lr, sgn * lr.clamp(-cfg.epsilon_low, cfg.epsilon_high))
@@ -225,8 +254,8 @@ def geo_mean(ctx) -> Surrogate:
 
 @register("vespo", plan="sequence", needs=_OLD, defaults=dict(aggregation="dapo"))
 def vespo(ctx) -> Surrogate:
-    """VESPO (§4.24): detached gamma weight ``phi(w_i)`` of the summed sequence log-ratio (rollout IS folded in),
-    ``l = -phi A logp``. Its own clamps (±20, log 1e-8) replace ``log_ratio_clamp``."""
+    """VESPO (docs/losses.md#vespo): detached gamma weight ``phi(w_i)`` of the summed sequence log-ratio (rollout IS
+    folded in), ``l = -phi A logp``. Its own clamps (±20, log 1e-8) replace ``log_ratio_clamp``."""
     cfg, seg, a = ctx.cfg, ctx.seg, ctx.A
     floor = math.log(1e-8)
     s = seg.sum(ctx.m * ctx.lr.detach().clamp(-20.0, 20.0))
@@ -257,7 +286,7 @@ def _gtpo_old(batch, cfg):
 @register("gtpo", plan="sequence", ratio=False, entropy_shaped=True, defaults=dict(aggregation="grpo"),
           prep=lambda batch, cfg: _gtpo_old(batch, cfg) if cfg.shaping_entropy == "old" else {})
 def gtpo(ctx) -> Surrogate:
-    """GTPO (§4.16): REINFORCE with ratio ``exp(logp - sg(logp))`` (value 1) and ``A_hat`` shaped by the
+    """GTPO (docs/losses.md#gtpo): REINFORCE with ratio ``exp(logp - sg(logp))`` (value 1) and ``A_hat`` shaped by the
     sequence's mean entropy; conflict weights ``delta/n_conf`` come in as ``token_weights``
     (``fusedpg.objective.gtpo_token_weights``)."""
     a = ctx.A

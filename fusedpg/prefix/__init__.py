@@ -22,12 +22,5 @@ def register_transformers(*args, **kwargs):
     return _register(*args, **kwargs)
 
 
-def verify_cases(*args, **kwargs):
-    """See ``fusedpg.prefix.verify.verify_cases``."""
-    from .verify import verify_cases as _verify_cases
-
-    return _verify_cases(*args, **kwargs)
-
-
 __all__ = ["pack", "unpack", "Packed", "PrefixLayout", "shared_prefix_attention", "shared_prefix_attention_reference",
-           "visibility", "register_transformers", "verify_cases"]
+           "visibility", "register_transformers"]

@@ -8,7 +8,7 @@ import torch
 
 from .. import checks
 from ..backend import resolve_impl
-from .function import PrefixAttentionOptions, SharedPrefixAttentionFunction
+from .op import shared_prefix_attention_op
 from .layout import PrefixLayout
 from .reference import shared_prefix_attention_reference
 
@@ -93,4 +93,4 @@ def shared_prefix_attention(
         return shared_prefix_attention_reference(q, k, v, layout, float(scale), dtype=None)
     if impl == "triton" and q.dtype == torch.float64:
         impl = "torch"
-    return SharedPrefixAttentionFunction.apply(q, k, v, layout, PrefixAttentionOptions(float(scale)), impl)
+    return shared_prefix_attention_op(q, k, v, list(layout.spec), float(scale), impl)[0]

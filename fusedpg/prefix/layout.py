@@ -10,6 +10,7 @@ class on purpose: FSDP2 mixed precision runs ``dataclasses.replace`` on dataclas
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -83,6 +84,15 @@ class PrefixLayout:
         self.max_completion_len = max(max(c) for c in self.completion_lens)
         self._cache: Dict[tuple, object] = {}
         self._checked_positions = None
+        # the layout as plain ints, the form the custom op takes: n_groups, then row, start, P, G, L_1..L_G per group
+        self.spec: Tuple[int, ...] = (n, self.seq_len) + tuple(
+            v for r, s, p, c in zip(self.group_rows, self.group_starts, self.prompt_lens, self.completion_lens)
+            for v in (r, s, p, len(c), *c))
+
+    @staticmethod
+    def from_spec(spec: Sequence[int]) -> "PrefixLayout":
+        """The inverse of ``layout.spec`` (cached, so the device tensors a layout builds are built once)."""
+        return _layout_of(tuple(int(v) for v in spec))
 
     # ---------------------------------------------------------------- host-side description
     def segments(self):
@@ -240,6 +250,17 @@ class Packed(NamedTuple):
         """Keyword arguments for a transformers causal LM set up by ``register_transformers``."""
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, prefix_layout=self.layout,
                     attention_mask=self.layout.mask_placeholder(self.input_ids.device), use_cache=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(spec: Tuple[int, ...]) -> PrefixLayout:
+    n, seq_len, at = spec[0], spec[1], 2
+    rows, starts, prompts, comps = [], [], [], []
+    for _ in range(n):
+        r, s, p, g = spec[at:at + 4]
+        rows.append(r), starts.append(s), prompts.append(p), comps.append(list(spec[at + 4:at + 4 + g]))
+        at += 4 + g
+    return PrefixLayout(prompts, comps, seq_len=seq_len, group_rows=rows, group_starts=starts)
 
 
 def _as_ids(name: str, x) -> torch.Tensor:

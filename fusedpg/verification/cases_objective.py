@@ -1,4 +1,5 @@
-"""Random, valid inputs for every variant: shared by the loss tests and by the fused engine's tests.
+"""Random, valid inputs for every loss variant: shared by the loss tests, the fused engine's tests and, through
+``cases_pg``, ``fusedpg verify``.
 
 ``make_case(loss_type, ...)`` returns ``(tensors, options)``: ``tensors`` are the ``pg_loss`` tensor arguments
 (``logp`` and ``entropy`` as leaf tensors without grad), ``options`` the keyword options that make the variant
@@ -10,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .registry import get_variant
+from ..objective.registry import get_variant
 
 
 def make_case(loss_type: str, *, batch: int = 4, width: int = 7, packed: bool = False, seed: int = 0,

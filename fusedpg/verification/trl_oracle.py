@@ -1,12 +1,14 @@
 """A deliberately plain re-statement of TRL's documented ``GRPOTrainer._compute_loss`` semantics.
 
-This is an independent reference (written from the behaviour described in losses.md §2.2, §3 and §4 and TRL's
+This is an independent reference (written from the behaviour described in docs/losses.md and TRL's
 documentation, not shared with ``pg_loss``): padded ``[B, T]`` tensors, TRL's option names, TRL's order of
-operations, no clamps, no fusedpg helpers. ``pg_loss`` is tested against it for every TRL ``loss_type``
+operations, no clamps, none of ``pg_loss``'s code. ``pg_loss`` is tested against it for every TRL ``loss_type``
 (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) and option (epsilon / epsilon_high, delta, beta with
 the bias-corrected KL, importance_sampling_level, top_entropy_quantile, the vLLM IS modes, OPSM,
 mask_truncated_completions, the static entropy bonus). Collectives are replaced by local tensors
-(``num_items_in_batch`` and ``num_processes`` are inputs).
+(``num_items_in_batch`` and ``num_processes`` are inputs). The loss-type families, ``coef_1``, the k3 KL and the
+logged metric names are TRL's facts kept once, in ``fusedpg.integrations.trl_support``, which the trainer
+integrations use too; ``pg_loss_options`` is that module's option mapping.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+from ..integrations.trl_support import (
+    CLIPPED, GLOBAL_NORM, LOSS_TYPES, grpo_options, importance_weights, k3_kl, masked_seq_mean, metric_terms,
+)
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ def trl_compute_loss(
     train: bool = True,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """One micro-step's loss and logged metrics, as TRL computes them (single process)."""
-    if args.loss_type not in TRL_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {TRL_LOSS_TYPES}, got {args.loss_type!r}")
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {args.loss_type!r}")
     eps_low, eps_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high
     completion_mask = completion_mask.to(per_token_logps.dtype)
     if args.mask_truncated_completions and is_truncated is not None:
@@ -135,20 +139,14 @@ def trl_compute_loss(
         opsm = off_policy_mask(advantages, per_token_logps, sampling, mask, args.off_policy_mask_threshold)
 
     log_ratio = per_token_logps - old
-    if args.importance_sampling_level == "token":
-        log_w = log_ratio
-    else:
-        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_w)
+    coef_1 = importance_weights(log_ratio, mask, args.importance_sampling_level)
+    per_token_kl = phi = None
     if args.beta != 0.0:
-        d = ref_per_token_logps - per_token_logps
-        per_token_kl = torch.exp(d) - d - 1
-        if args.use_bias_correction_kl:
-            per_token_kl = per_token_kl * coef_1
+        per_token_kl = k3_kl(ref_per_token_logps - per_token_logps, coef_1 if args.use_bias_correction_kl else None)
 
     if args.loss_type == "cispo":
         per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * advantages * per_token_logps
-    elif args.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+    elif args.loss_type in CLIPPED:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         if args.delta is not None:
             coef_1 = torch.clamp(coef_1, max=args.delta)
@@ -177,7 +175,7 @@ def trl_compute_loss(
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / ga
     elif args.loss_type == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * args.max_completion_length) / ga
-    elif args.loss_type in ("cispo", "dapo", "vespo"):
+    elif args.loss_type in GLOBAL_NORM:
         normalizer = torch.as_tensor(num_items_in_batch, dtype=mask.dtype).clamp(min=1.0) / args.num_processes
         loss = (per_token_loss * mask).sum() / normalizer
     else:  # luspo
@@ -185,14 +183,11 @@ def trl_compute_loss(
 
     if args.entropy_coef != 0.0:
         eff = mask if entropy_mask is None else mask * entropy_mask
-        if args.loss_type in ("cispo", "dapo", "vespo"):
+        if args.loss_type in GLOBAL_NORM:
             ent = (entropies * eff).sum() / normalizer
         else:
             ent = (entropies * eff).sum() / eff.sum().clamp(min=1.0) / ga
         loss = loss - args.entropy_coef * ent
-
-    def masked_seq_mean(x):
-        return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
     def masked_mean(x):
         if x.shape[1] == 1:
@@ -200,42 +195,33 @@ def trl_compute_loss(
         return ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()
 
     metrics: Dict[str, float] = {}
-    if args.beta != 0.0:
-        metrics["kl"] = masked_mean(per_token_kl)
-    if entropies is not None:
-        metrics["entropy"] = masked_mean(entropies)
-    if args.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-        low = ((coef_1 < 1 - eps_low) & (advantages < 0)).to(mask.dtype)
-        high = ((coef_1 > 1 + eps_high) & (advantages > 0)).to(mask.dtype)
-        metrics["clip_ratio/low_mean"] = masked_mean(low)
-        metrics["clip_ratio/high_mean"] = masked_mean(high)
-        metrics["clip_ratio/region_mean"] = masked_mean(((low + high) > 0).to(mask.dtype))
-        seq_low, seq_high = masked_seq_mean(low), masked_seq_mean(high)
-        metrics["clip_ratio/low_min"] = torch.nan_to_num(seq_low, nan=math.inf).min().item()
-        metrics["clip_ratio/high_max"] = torch.nan_to_num(seq_high, nan=-math.inf).max().item()
-    elif args.loss_type == "cispo":
-        metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > eps_high) & (advantages > 0)).to(mask.dtype))
-    elif args.loss_type == "vespo":
-        metrics["vespo/phi_seq_mean"] = masked_mean(phi)
+    terms = metric_terms(args.loss_type, coef_1, advantages, eps_low, eps_high, per_token_kl=per_token_kl,
+                         entropies=entropies, phi=phi)
+    for name, (reduce, x) in terms.items():
+        if reduce == "mean":
+            metrics[name] = masked_mean(x)
+        else:  # TRL's nanmin / nanmax over sequences
+            per_seq = torch.nan_to_num(masked_seq_mean(x, mask), nan=math.inf if reduce == "min" else -math.inf)
+            metrics[name] = (per_seq.min() if reduce == "min" else per_seq.max()).item()
     return loss, metrics
 
 
 def pg_loss_options(args: TRLArgs) -> dict:
-    """The ``pg_loss`` keyword options that express ``args`` (the mapping an integration uses)."""
+    """The ``pg_loss`` keyword options that express ``args``: the trainer integrations' mapping
+    (``trl_support.grpo_options``, LUSPO unmasked as documented), plus the options TRL's trainer applies before
+    the loss (truncated completions, the vLLM IS ratio)."""
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    out = dict(loss_type=args.loss_type, epsilon_low=args.epsilon, epsilon_high=eps_high, delta=args.delta,
-               dual_clip_c=math.inf, beta=args.beta, kl_estimator="k3", kl_bias_correction=args.use_bias_correction_kl,
-               importance_sampling_level=args.importance_sampling_level,
-               top_entropy_quantile=args.top_entropy_quantile, top_entropy_mode="trl",
-               sapo_tau_pos=args.sapo_temperature_pos, sapo_tau_neg=args.sapo_temperature_neg,
-               vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
-               vespo_lambda_neg=args.vespo_lambda_neg, off_policy_mask_threshold=args.off_policy_mask_threshold,
-               entropy_coef=args.entropy_coef, aggregation={"sapo": "grpo", "cispo": "dapo", "vespo": "dapo"}.get(
-                   args.loss_type, args.loss_type),
-               max_completion_length=args.max_completion_length,
-               gradient_accumulation_steps=args.gradient_accumulation_steps, world_size=args.num_processes,
-               mask_truncated_completions=args.mask_truncated_completions, log_ratio_clamp=None,
-               luspo_unmasked=args.loss_type == "luspo", cispo_mode="trl")
+    out = grpo_options(
+        args.loss_type, epsilon_low=args.epsilon, epsilon_high=eps_high, beta=args.beta,
+        use_bias_correction_kl=args.use_bias_correction_kl, importance_sampling_level=args.importance_sampling_level,
+        sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+        vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+        vespo_lambda_neg=args.vespo_lambda_neg,
+        delta=args.delta, top_entropy_quantile=args.top_entropy_quantile,
+        off_policy_mask_threshold=args.off_policy_mask_threshold, max_completion_length=args.max_completion_length,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, world_size=args.num_processes,
+        entropy_coef=args.entropy_coef, unmasked_luspo=True)
+    out["mask_truncated_completions"] = args.mask_truncated_completions
     if args.vllm_importance_sampling_correction:
         out.update(rollout_is=args.vllm_importance_sampling_mode, rollout_is_min=args.vllm_importance_sampling_clip_min,
                    rollout_is_max=args.vllm_importance_sampling_clip_max)

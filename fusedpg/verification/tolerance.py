@@ -1,4 +1,4 @@
-"""The tolerance model of DESIGN.md §5, shared by the tests and ``fusedpg verify``.
+"""The tolerance model (docs/design.md#tolerance-model), shared by the tests and ``fusedpg verify``.
 
 An output of ours at input dtype D passes when, elementwise,
 ``|ours - truth| <= 2 * |torch_D - truth| + slack_D * scale``, where truth is the float64 reference, torch_D the

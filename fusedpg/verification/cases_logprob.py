@@ -1,5 +1,6 @@
-"""Equivalence cases: run an op, the eager reference at the same dtype and the float64 truth on the same inputs and
-upstream gradients, and compare every output and gradient under the tolerance model.
+"""Equivalence cases of the log-prob + entropy primitives: run an op, the eager reference at the same dtype and the
+float64 truth on the same inputs and upstream gradients, and compare every output and gradient under the tolerance
+model.
 
 Used by the tests and by ``fusedpg verify`` so the two can never drift apart.
 """
@@ -10,9 +11,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .linear.reference import linear_logprob_entropy_reference
-from .logits.reference import logprob_entropy_reference
-from .testing import Comparison, compare
+from ..linear.reference import linear_logprob_entropy_reference
+from ..logits.reference import logprob_entropy_reference
+from .tolerance import Comparison, compare
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def _compare_all(prefix: str, case: LinearCase, got, ref_d, ref64) -> List[Compa
 
 def check_linear(case: LinearCase, impl: Optional[str] = None, device="cpu", op=None) -> List[Comparison]:
     """Compare ``linear_logprob_entropy`` (or ``op`` with its signature) against eager-D and float64 truth."""
-    from . import linear_logprob_entropy
+    from .. import linear_logprob_entropy  # looked up per call: tests swap it on the package
 
     op = op or linear_logprob_entropy
     x = make_linear_inputs(case, device)
@@ -188,7 +189,7 @@ def check_linear(case: LinearCase, impl: Optional[str] = None, device="cpu", op=
 
 def check_logits(case: LinearCase, impl: Optional[str] = None, device="cpu", inplace: bool = False) -> List[Comparison]:
     """Compare ``logprob_entropy`` on logits built from the same case against eager-D and float64 truth."""
-    from . import logprob_entropy
+    from .. import logprob_entropy
 
     x = make_linear_inputs(case, device)
     logits64 = x["hidden"].double() @ x["weight"].double().T

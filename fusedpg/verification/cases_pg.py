@@ -6,10 +6,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..objective.cases import make_case
 from ..linear.reference import linear_logprob_entropy_reference
-from ..testing import Comparison, compare
-from .reference import fused_linear_pg_loss_reference
+from ..linear_pg.reference import fused_linear_pg_loss_reference
+from .cases_objective import make_case
+from .tolerance import Comparison, compare
 
 _TENSOR_KEYS = ("old_entropy", "group_ids", "step_ids", "token_weights")
 METRICS = ("clip_low", "clip_high", "clip_region", "ppo_kl", "kl", "entropy", "ratio_mean", "tokens")
@@ -39,7 +39,7 @@ def check_fused_pg(loss_type: str, *, impl: Optional[str] = None, dtype: torch.d
                    plan: Optional[str] = None, seed: int = 0, chunk_bytes: Optional[int] = None,
                    options: Optional[dict] = None, device="cpu", **shape) -> List[Comparison]:
     """Loss, metrics and the gradients of hidden, weight and bias of ``fused_linear_pg_loss`` vs the reference."""
-    from . import fused_linear_pg_loss
+    from ..linear_pg import fused_linear_pg_loss
 
     x = fused_inputs(loss_type, seed=seed, **shape)
     x["targets"] = x["targets"].to(device)

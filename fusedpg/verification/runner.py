@@ -1,4 +1,7 @@
-"""``fusedpg verify``: re-check every op and gradient against the float64 reference on this machine."""
+"""``fusedpg verify``: re-check every op and gradient against the float64 reference on this machine.
+
+One table row per op, output and dtype: the worst comparison over the cases of ``cases_logprob``, ``cases_pg``
+and ``cases_prefix``."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +10,8 @@ from typing import Iterator, Tuple
 
 import torch
 
-from .equivalence import LinearCase, check_linear, check_logits
-from .testing import Comparison
+from .cases_logprob import LinearCase, check_linear, check_logits
+from .tolerance import Comparison
 
 # Small but awkward: vocabulary tails, ignored rows, per-token temperature, peaked softmax, shifted logits.
 _CASES = (
@@ -34,8 +37,8 @@ def _primitive_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Compa
 
 
 def _pg_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison]]:
-    from .objective import variant_names
-    from .linear_pg.cases import check_fused_pg
+    from ..objective import variant_names
+    from .cases_pg import check_fused_pg
 
     for loss_type in variant_names():
         for dtype in dtypes:
@@ -46,7 +49,7 @@ def _pg_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison]]
 
 
 def _attention_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison]]:
-    from .prefix.verify import verify_cases
+    from .cases_prefix import verify_cases
 
     results = verify_cases(device=device, impl=impl, dtypes=dtypes)
     for r in _worst_by(results, lambda r: (r.name.split(".")[-1], r.dtype)).values():

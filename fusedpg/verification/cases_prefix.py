@@ -1,7 +1,7 @@
 """Equivalence cases of shared-prefix attention, shared by the tests and ``fusedpg verify``.
 
 Each case runs the op, the dense reference at the input dtype (``torch_D``) and the float64 reference (truth) on
-the same inputs and upstream gradient, and compares o, dq, dk, dv under the tolerance model (DESIGN.md §5).
+the same inputs and upstream gradient, and compares o, dq, dk, dv under the tolerance model (docs/design.md#tolerance-model).
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..testing import Comparison, compare
-from .attention import shared_prefix_attention
-from .layout import PrefixLayout, place_groups
-from .reference import shared_prefix_attention_reference
+from ..prefix.attention import shared_prefix_attention
+from ..prefix.layout import PrefixLayout, place_groups
+from ..prefix.reference import shared_prefix_attention_reference
+from .tolerance import Comparison, compare
 
 
 @dataclass(frozen=True)

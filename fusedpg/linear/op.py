@@ -1,0 +1,119 @@
+"""The custom op of ``linear_logprob_entropy``: the one implementation that eager calls and ``torch.compile`` run.
+
+``fusedpg::linear_logprob_entropy`` returns ``(logp, entropy, m, log_s)`` (the last two are the softmax statistics
+the backward needs); ``fusedpg::linear_logprob_entropy_backward`` turns ``c = dL/dlogp`` and ``d = dL/dH`` into the
+gradients. Ignored rows are compacted away inside both (one ``nonzero``), so they cost no FLOPs.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import checks
+from ..options import LogProbOptions
+from ..rows import Rows
+from ..softmax_math import compute_dtype
+from ..temperature import Temperature
+from . import plan_torch
+
+
+def _plan(impl: str):
+    if impl == "triton":
+        from . import launch_triton  # imported lazily: importing triton is slow and optional on CPU
+
+        return launch_triton
+    return plan_torch
+
+
+def _opts(ignore_index: int, compute_entropy: bool, chunk_bytes: int) -> LogProbOptions:
+    if chunk_bytes > 0:
+        return LogProbOptions(ignore_index, compute_entropy, chunk_bytes=chunk_bytes, device_chunk_bytes=chunk_bytes)
+    return LogProbOptions(ignore_index, compute_entropy)
+
+
+@torch.library.custom_op("fusedpg::linear_logprob_entropy", mutates_args=())
+def linear_logprob_entropy_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    temp_rows: Optional[torch.Tensor], temp_value: float, ignore_index: int, compute_entropy: bool,
+    check_targets: bool, impl: str, chunk_bytes: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32
+    (fp64 for fp64 hidden); ignored rows are 0."""
+    n, out = hidden.shape[0], compute_dtype(hidden.dtype)
+    temp = Temperature.of(temp_rows, temp_value)
+    checks.temperature_values(temp)
+    if check_targets:
+        checks.targets_in_range(targets, weight.shape[0], ignore_index)
+    rows = Rows(targets, ignore_index)
+    if rows.count == 0:
+        z = torch.zeros(n, dtype=out, device=hidden.device)
+        return z, z.clone(), z.clone(), z.clone()
+    stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx),
+                                _opts(ignore_index, compute_entropy, chunk_bytes))
+    return tuple(rows.scatter(x.to(out)) for x in stats)
+
+
+@linear_logprob_entropy_op.register_fake
+def _(hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, check_targets, impl,
+      chunk_bytes):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype)) for _ in range(4))
+
+
+@torch.library.custom_op("fusedpg::linear_logprob_entropy_backward", mutates_args=())
+def linear_logprob_entropy_backward_op(
+    grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
+    weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temp_rows: Optional[torch.Tensor],
+    temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int,
+    compute_entropy: bool, impl: str, chunk_bytes: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> List[torch.Tensor]:
+    """(d_hidden, d_weight, d_bias) in the inputs' dtypes; a gradient that is not needed is an empty tensor."""
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    rows = Rows(targets, ignore_index)
+    d = grad_entropy if compute_entropy else None
+    if rows.count == 0 or (grad_logp is None and d is None):
+        grads = (None, None, None)
+    else:
+        c = grad_logp if grad_logp is not None else torch.zeros_like(m)
+        grads = _plan(impl).backward(
+            rows.take(hidden), weight, bias, rows.take(targets), Temperature.of(temp_rows, temp_value).take(rows.idx),
+            rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
+            _opts(ignore_index, compute_entropy, chunk_bytes), needs)
+    out = []
+    for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (True, False, False)):
+        if not need:
+            out.append(hidden.new_empty(0))
+        elif g is None:
+            out.append(torch.zeros_like(x))
+        else:
+            out.append((rows.scatter(g) if per_row else g).to(x.dtype))
+    return out
+
+
+@linear_logprob_entropy_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
+      ignore_index, compute_entropy, impl, chunk_bytes, need_hidden, need_weight, need_bias):
+    need_bias = need_bias and bias is not None
+    return [torch.empty_like(x) if need else hidden.new_empty(0)
+            for x, need in ((hidden, need_hidden), (weight, need_weight), (bias, need_bias))]
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes = inputs
+    _, entropy, m, log_s = output
+    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy)
+    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
+    hidden, weight, bias, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
+    temp_value, ignore_index, compute_entropy, impl, chunk_bytes = ctx.args
+    need = ctx.needs_input_grad
+    need_b = bias is not None and need[2]
+    dh, dw, db = linear_logprob_entropy_backward_op(
+        grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
+        ignore_index, compute_entropy, impl, chunk_bytes, need[0], need[1], need_b)
+    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 8
+
+
+linear_logprob_entropy_op.register_autograd(_backward, setup_context=_setup)

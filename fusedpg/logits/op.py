@@ -1,0 +1,121 @@
+"""The custom op of ``logprob_entropy``: the one implementation that eager calls and ``torch.compile`` run.
+
+``fusedpg::logprob_entropy`` returns ``(logp, entropy, m, log_s)``. The backward is
+``fusedpg::logprob_entropy_backward`` (a new gradient tensor) or, for ``inplace_backward=True``,
+``fusedpg::logprob_entropy_backward_``, which declares that it overwrites the saved logits with their gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import checks
+from ..options import LogProbOptions
+from ..softmax_math import compute_dtype
+from ..temperature import Temperature
+from . import plan_torch
+
+
+def _plan(impl: str):
+    if impl == "triton":
+        from . import launch_triton  # lazy: triton is only needed on this path
+
+        return launch_triton
+    return plan_torch
+
+
+def _opts(ignore_index: int, compute_entropy: bool, chunk_bytes: int, inplace: bool) -> LogProbOptions:
+    budget = dict(chunk_bytes=chunk_bytes, device_chunk_bytes=chunk_bytes) if chunk_bytes > 0 else {}
+    return LogProbOptions(ignore_index, compute_entropy, inplace=inplace, **budget)
+
+
+def _valid_targets(targets: torch.Tensor, ignore_index: int):
+    valid = targets != ignore_index
+    return torch.where(valid, targets, torch.zeros_like(targets)), valid
+
+
+@torch.library.custom_op("fusedpg::logprob_entropy", mutates_args=())
+def logprob_entropy_op(
+    logits: torch.Tensor, targets: torch.Tensor, temp_rows: Optional[torch.Tensor], temp_value: float,
+    ignore_index: int, compute_entropy: bool, check_targets: bool, impl: str, chunk_bytes: int, inplace: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits ``[N, V]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32 (fp64 for fp64 logits)."""
+    temp = Temperature.of(temp_rows, temp_value)
+    checks.temperature_values(temp)
+    if check_targets:
+        checks.targets_in_range(targets, logits.shape[1], ignore_index)
+    y, valid = _valid_targets(targets, ignore_index)
+    out = compute_dtype(logits.dtype)
+    stats = _plan(impl).forward(logits, y, valid, temp, _opts(ignore_index, compute_entropy, chunk_bytes, inplace))
+    return tuple(x.to(out) for x in stats)
+
+
+@logprob_entropy_op.register_fake
+def _(logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, check_targets, impl, chunk_bytes,
+      inplace):
+    return tuple(logits.new_empty(logits.shape[0], dtype=compute_dtype(logits.dtype)) for _ in range(4))
+
+
+def _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
+          compute_entropy, impl, chunk_bytes, inplace) -> torch.Tensor:
+    y, valid = _valid_targets(targets, ignore_index)
+    c = grad_logp if grad_logp is not None else torch.zeros_like(m)
+    d = grad_entropy if compute_entropy else None
+    return _plan(impl).backward(logits, y, valid, Temperature.of(temp_rows, temp_value), m, log_s, entropy, c, d,
+                                _opts(ignore_index, compute_entropy, chunk_bytes, inplace))
+
+
+@torch.library.custom_op("fusedpg::logprob_entropy_backward", mutates_args=())
+def logprob_entropy_backward_op(
+    logits: torch.Tensor, targets: torch.Tensor, grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor], temp_value: float, m: torch.Tensor,
+    log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int, compute_entropy: bool, impl: str,
+    chunk_bytes: int,
+) -> torch.Tensor:
+    """Gradient w.r.t. the logits ``[N, V]``, in the logits dtype, in a new tensor."""
+    return _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
+                 compute_entropy, impl, chunk_bytes, False)
+
+
+@logprob_entropy_backward_op.register_fake
+def _(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
+      compute_entropy, impl, chunk_bytes):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fusedpg::logprob_entropy_backward_", mutates_args=("logits",))
+def logprob_entropy_backward_inplace_op(
+    logits: torch.Tensor, targets: torch.Tensor, grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor], temp_value: float, m: torch.Tensor,
+    log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int, compute_entropy: bool, impl: str,
+    chunk_bytes: int,
+) -> None:
+    """Writes the gradient w.r.t. the logits over the logits buffer (no second ``[N, V]`` tensor)."""
+    _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
+          compute_entropy, impl, chunk_bytes, True)
+
+
+def _setup(ctx, inputs, output):
+    logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, inplace = inputs
+    _, entropy, m, log_s = output
+    ctx.save_for_backward(logits, targets, temp_rows, m, log_s, entropy)
+    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
+    logits, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
+    temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace = ctx.args
+    if grad_logp is None and (grad_entropy is None or not compute_entropy):
+        return (None,) * 10
+    args = (logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
+            compute_entropy, impl, chunk_bytes)
+    if inplace:
+        logprob_entropy_backward_inplace_op(*args)
+        grad = logits
+    else:
+        grad = logprob_entropy_backward_op(*args)
+    return (grad,) + (None,) * 9
+
+
+logprob_entropy_op.register_autograd(_backward, setup_context=_setup)
