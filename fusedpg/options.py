@@ -39,5 +39,13 @@ class LogProbOptions:
     device_chunk_bytes: int = DEFAULT_DEVICE_CHUNK_BYTES
 
     @staticmethod
+    def budgeted(chunk_bytes: int, **fields) -> "LogProbOptions":
+        """Options whose row-chunk budget is ``chunk_bytes`` on both plans (the ops' convention: 0 keeps the
+        defaults)."""
+        if chunk_bytes > 0:
+            fields.update(chunk_bytes=chunk_bytes, device_chunk_bytes=chunk_bytes)
+        return LogProbOptions(**fields)
+
+    @staticmethod
     def default_check_targets() -> bool:
         return _env_flag("FUSEDPG_CHECK_TARGETS", True)

@@ -75,7 +75,6 @@ def softmax_grad_(
     return g.scatter_add_(1, targets.unsqueeze(1), c.unsqueeze(1))
 
 
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for every input dtype; fp64 inputs stay fp64 so gradcheck can run."""
     return torch.float64 if dtype == torch.float64 else torch.float32

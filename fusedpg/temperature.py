@@ -53,9 +53,3 @@ class Temperature:
             t = self.rows.float().contiguous()
             return t, 1
         return torch.full((1,), self.value, dtype=torch.float32, device=device), 0
-
-    def dense(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``[n]`` values (for references and tests)."""
-        if self.rows is not None:
-            return self.rows.to(dtype)
-        return torch.full((n,), self.value, dtype=dtype, device=device)

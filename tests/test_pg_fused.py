@@ -176,3 +176,21 @@ def test_triton_one_pass_epilogue(loss_type, options, dtype):
                                                ("alol", {}), ("cispo", dict(importance_sampling_level="sequence"))])
 def test_epilogue_declines_what_it_does_not_cover(loss_type, options):
     assert _spec(loss_type, options) is None
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "gspo", "clip_cov"])
+def test_empty_batch_has_the_metric_keys_of_any_batch(loss_type):
+    """B = 0: a zero loss that backpropagates, and the keys (all zero) a non-empty batch would return."""
+    h_dim, v = 8, 13
+    w = torch.randn(v, h_dim, requires_grad=True)
+
+    def call(b):
+        x = torch.randn(b, 5, h_dim, requires_grad=True)
+        return fusedpg.fused_linear_pg_loss(x, w, torch.zeros(b, 5, dtype=torch.long), torch.zeros(b),
+                                            torch.ones(b, 5), old_logp=torch.full((b, 5), -2.0), loss_type=loss_type)
+
+    loss, metrics = call(0)
+    loss.backward()
+    assert loss.item() == 0.0 and not w.grad.any()
+    assert set(metrics) == set(call(2)[1])
+    assert all(v.item() == 0.0 for v in metrics.values())

@@ -26,12 +26,6 @@ def _plan(impl: str):
     return plan_torch
 
 
-def _opts(ignore_index: int, compute_entropy: bool, chunk_bytes: int) -> LogProbOptions:
-    if chunk_bytes > 0:
-        return LogProbOptions(ignore_index, compute_entropy, chunk_bytes=chunk_bytes, device_chunk_bytes=chunk_bytes)
-    return LogProbOptions(ignore_index, compute_entropy)
-
-
 @torch.library.custom_op("fusedpg::linear_logprob_entropy", mutates_args=())
 def linear_logprob_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
@@ -49,8 +43,8 @@ def linear_logprob_entropy_op(
     if rows.count == 0:
         z = torch.zeros(n, dtype=out, device=hidden.device)
         return z, z.clone(), z.clone(), z.clone()
-    stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx),
-                                _opts(ignore_index, compute_entropy, chunk_bytes))
+    opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy)
+    stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts)
     return tuple(rows.scatter(x.to(out)) for x in stats)
 
 
@@ -75,10 +69,11 @@ def linear_logprob_entropy_backward_op(
         grads = (None, None, None)
     else:
         c = grad_logp if grad_logp is not None else torch.zeros_like(m)
+        opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy)
         grads = _plan(impl).backward(
             rows.take(hidden), weight, bias, rows.take(targets), Temperature.of(temp_rows, temp_value).take(rows.idx),
             rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
-            _opts(ignore_index, compute_entropy, chunk_bytes), needs)
+            opts, needs)
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (True, False, False)):
         if not need:

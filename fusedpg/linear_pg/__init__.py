@@ -65,7 +65,8 @@ def fused_linear_pg_loss(
             e.g. to reuse as ``old_logp``.
         impl: ``"triton"`` / ``"torch"`` / ``"reference"`` (float64 head, materialised).
         chunk_bytes: budget of one chunk's ``[rows, V]`` buffer (default: the LogProbOptions defaults).
-        plan: ``None`` (automatic, see :func:`fused_plan`) or ``"two_phase"`` to force the recompute plan.
+        plan: ``None`` (automatic, see :func:`fused_plan`) or ``"two_phase"`` to force the recompute plan
+            (``"one_pass"`` / ``"sequence"`` are accepted where the config allows them).
         rollout_logp, is_weights, old_entropy, group_ids, step_ids, token_weights, truncated: as in
             :func:`fusedpg.objective.prepare`, for the variants that use them.
 
@@ -85,7 +86,7 @@ def fused_linear_pg_loss(
         raise ValueError(f"mask must have hidden's leading shape {tuple(lead)}, got {checks._describe(mask)}")
     inputs = LossInputs(old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids, step_ids,
                         token_weights, truncated)
-    key = config_key(config, loss_type, tuple(sorted(options.items())))
+    key = config_key(config, loss_type, tuple(options.items()))
     run_plan = plan_for(key, plan)
     temp = checks.temperature(temperature, lead, hidden.device)
     impl = resolve_impl(impl, hidden.device)
@@ -110,10 +111,9 @@ def _reference(hidden, weight, bias, targets, advantages, mask, inputs, cfg, tem
     work = torch.float64 if hidden.dtype == torch.float64 else None
     batch = prepare(advantages, mask, inputs, dtype=work, config=cfg)
     masked = torch.where(batch.active, targets.reshape(-1), torch.full_like(targets.reshape(-1), -100))
+    flat_temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
     logp, ent = linear_logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, masked, bias=bias,
-                                       temperature=temperature if not isinstance(temperature, torch.Tensor)
-                                       else temperature.reshape(-1) if temperature.numel() > 1 else temperature,
-                                       check_targets=False, impl="reference")
+                                       temperature=flat_temp, check_targets=False, impl="reference")
     logp, ent = logp.to(batch.dtype), ent.to(batch.dtype)
     if plan_of(cfg) == "two_phase":
         batch = batch.updated(batch_coefficients(batch, logp.detach(), ent.detach(), cfg))

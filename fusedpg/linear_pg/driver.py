@@ -15,12 +15,6 @@ from .autograd_worker import loss_and_coefficients
 from .steps import TorchStep, TritonStep
 
 
-def sequence_chunks(offsets: Tuple[int, ...], active: torch.Tensor, max_rows: int) -> List[Tuple[int, int]]:
-    """Token ranges ``[lo, hi)`` on sequence boundaries, each holding at most ``max_rows`` active tokens unless a
-    single sequence alone has more (then that sequence is one chunk)."""
-    return _sequence_chunks(offsets, _active_prefix_counts(active), max_rows)
-
-
 def _active_prefix_counts(active: torch.Tensor) -> List[int]:
     """Active tokens before each position, ``[N + 1]`` on the host: the one host read of the chunk planning."""
     return torch.cat([active.new_zeros(1, dtype=torch.long), active.long().cumsum(0)]).tolist()
@@ -52,8 +46,9 @@ class PassResult(NamedTuple):
 
 
 def one_pass(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, cfg: PGLossConfig, impl: str,
-             opts: LogProbOptions, needs) -> PassResult:
+             chunk_bytes: int, needs) -> PassResult:
     """Loss, metric sums and, where ``needs`` asks, (dh, dW, db), all in this one pass over the chunks."""
+    opts = LogProbOptions.budgeted(chunk_bytes)
     need_h, need_w, need_b = needs
     work = batch.dtype
     n = hidden.shape[0]
@@ -90,23 +85,22 @@ def one_pass(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, c
 
 
 def two_phase(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, cfg: PGLossConfig, impl: str,
-              opts: LogProbOptions, needs) -> PassResult:
+              chunk_bytes: int, needs) -> PassResult:
     """Phase 1 (logp, H of active tokens), the batch-wide reduction and the loss on ``[N]``, phase 2 (the
     primitive's recompute backward with the loss's ``(c, d)``)."""
     from ..linear.op import linear_logprob_entropy_backward_op, linear_logprob_entropy_op
 
     masked = torch.where(batch.active, targets, torch.full_like(targets, IGNORE))
     head = (hidden, weight, bias, masked, *temp.op_args())
-    lp, en, m, log_s = linear_logprob_entropy_op(*head, IGNORE, True, False, impl, opts.chunk_bytes)
-    lp, en = lp.to(batch.dtype), en.to(batch.dtype)
+    lp_out, en_out, m, log_s = linear_logprob_entropy_op(*head, IGNORE, True, False, impl, chunk_bytes)
+    lp, en = lp_out.to(batch.dtype), en_out.to(batch.dtype)
     if plan_of(cfg) == "two_phase":
         batch = batch.updated(batch_coefficients(batch, lp, en, cfg))
     total, sums, c, d = loss_and_coefficients(lambda a, b: _summed(token_loss(batch, a, b, cfg)), lp, en, any(needs))
     grads = (None, None, None)
     if c is not None:
-        grads = linear_logprob_entropy_backward_op(
-            c.float(), None if d is None else d.float(), hidden, weight, bias, masked, *temp.op_args(), m, log_s,
-            en.float(), IGNORE, True, impl, opts.chunk_bytes, *needs)
+        grads = linear_logprob_entropy_backward_op(c, d, *head, m, log_s, en_out, IGNORE, True, impl, chunk_bytes,
+                                                   *needs)
         grads = [g if need else None for g, need in zip(grads, needs)]
     return PassResult(total, sums, *grads, lp, en)
 

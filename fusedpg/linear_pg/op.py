@@ -17,8 +17,8 @@ import torch
 
 from .. import checks
 from ..compile_support import constant_result
-from ..objective import LossInputs, PGLossConfig, batch_coefficients, make_config, plan_of, prepare, token_loss
-from ..options import LogProbOptions
+from ..objective import (LossInputs, PGLossConfig, batch_coefficients, make_config, metric_vector, plan_of, prepare,
+                         token_loss)
 from ..softmax_math import compute_dtype
 from ..temperature import Temperature
 from .driver import one_pass, two_phase
@@ -101,14 +101,11 @@ def fused_linear_pg_loss_op(
                          f"{y[bad][0].item()}")
     temp = Temperature.of(temp_rows, temp_value)
     checks.temperature_values(temp)
-    budget = dict(chunk_bytes=chunk_bytes, device_chunk_bytes=chunk_bytes) if chunk_bytes > 0 else {}
-    opts = LogProbOptions(compute_entropy=True, **budget)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     run = two_phase if plan == "two_phase" else one_pass
-    res = run(hidden, weight, bias, y, temp, batch, cfg, impl, opts, needs)
+    res = run(hidden, weight, bias, y, temp, batch, cfg, impl, chunk_bytes, needs)
     dtype = _loss_dtype(hidden, advantages, bundle)
-    keys = _metric_keys(config, bundle.present())
-    sums = torch.stack([res.sums[k].to(dtype) for k in keys]) if keys else hidden.new_zeros(0, dtype=dtype)
+    sums = metric_vector(res.sums, _metric_keys(config, bundle.present()), dtype, hidden.device)
     grads = [hidden.new_empty(0) if not need else (torch.zeros_like(x) if g is None else g.to(x.dtype))
              for g, x, need in zip((res.dh, res.dw, res.db), (hidden, weight, bias), needs)]
     stats = [res.logp.to(dtype), res.entropy.to(dtype)] if token_stats else [hidden.new_empty(0)] * 2

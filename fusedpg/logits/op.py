@@ -26,8 +26,8 @@ def _plan(impl: str):
 
 
 def _opts(ignore_index: int, compute_entropy: bool, chunk_bytes: int, inplace: bool) -> LogProbOptions:
-    budget = dict(chunk_bytes=chunk_bytes, device_chunk_bytes=chunk_bytes) if chunk_bytes > 0 else {}
-    return LogProbOptions(ignore_index, compute_entropy, inplace=inplace, **budget)
+    return LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
+                                   inplace=inplace)
 
 
 def _valid_targets(targets: torch.Tensor, ignore_index: int):

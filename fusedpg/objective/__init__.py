@@ -14,13 +14,13 @@ from .batch import PGBatch, prepare
 from .config import PGLossConfig, make_config, plan_of, requirements, resolve
 from .engine import batch_coefficients, epilogue_spec, pg_loss, token_loss
 from .inputs import LossInputs
-from .metrics import finalize_metrics, merge_metrics
+from .metrics import finalize_metrics, merge_metrics, metric_vector
 from .registry import EpilogueSpec, Variant, get_variant, variant_names
 from .regularizers import AdaptiveEntropyCoef
 from .shaping import gtpo_token_weights
 
 __all__ = [
-    "pg_loss", "PGLossConfig", "PGBatch", "LossInputs", "EpilogueSpec", "epilogue_spec", "prepare", "token_loss", "batch_coefficients", "plan_of",
-    "merge_metrics", "finalize_metrics", "get_variant", "variant_names", "Variant", "make_config", "resolve",
-    "requirements", "AdaptiveEntropyCoef", "gtpo_token_weights",
+    "pg_loss", "PGLossConfig", "PGBatch", "LossInputs", "EpilogueSpec", "epilogue_spec", "prepare", "token_loss",
+    "batch_coefficients", "plan_of", "merge_metrics", "finalize_metrics", "metric_vector", "get_variant",
+    "variant_names", "Variant", "make_config", "resolve", "requirements", "AdaptiveEntropyCoef", "gtpo_token_weights",
 ]

@@ -17,7 +17,6 @@ import torch
 from . import aggregation
 from .config import PGLossConfig, make_config, resolve
 from .inputs import LossInputs
-from .registry import get_variant
 from .validate import flat_inputs
 
 
@@ -106,7 +105,7 @@ def prepare(
     given, options = LossInputs.split(kwargs)
     inputs = given if inputs is None else inputs
     cfg = resolve(make_config(config, loss_type, **options))
-    var = get_variant(cfg.loss_type)
+    var = cfg.variant
     f = flat_inputs(cfg, var, advantages, mask, inputs, dtype)
     m, seq, nseq = f["mask"], f["seq"], f["num_seqs"]
     # luspo_unmasked (TRL parity) lets padded cells contribute, so they stay active and unsanitised

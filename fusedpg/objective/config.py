@@ -191,6 +191,11 @@ class PGLossConfig:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
 
+    @property
+    def variant(self):
+        """The registered ``Variant`` of ``loss_type`` (its function, plan, needs, epilogue spec)."""
+        return get_variant(self.loss_type)
+
     def replace(self, **changes) -> "PGLossConfig":
         return dataclasses.replace(self, **changes)
 
@@ -216,7 +221,7 @@ def make_config(config: Optional[PGLossConfig] = None, loss_type: Optional[str] 
 @functools.lru_cache(maxsize=256)
 def resolve(cfg: PGLossConfig) -> PGLossConfig:
     """Fill ``None`` fields from the variant's recipe and check options that contradict each other."""
-    var = get_variant(cfg.loss_type)
+    var = cfg.variant
     fill = {k: v for k, v in var.default_values(cfg).items() if getattr(cfg, k) is None}
     base = {"epsilon_low": 0.2, "epsilon_high": 0.2, "dual_clip_c": math.inf, "aggregation": "token-mean",
             "importance_sampling_level": "token", "top_entropy_quantile": 1.0}
@@ -266,7 +271,7 @@ def plan_of(config: PGLossConfig) -> str:
     if not isinstance(config, PGLossConfig):
         raise TypeError(f"config must be a PGLossConfig, got {type(config).__name__}")
     cfg = resolve(config)
-    var = get_variant(cfg.loss_type)
+    var = cfg.variant
     plan = "one_pass" if (var.entropy_shaped and cfg.shaping_entropy == "old") else var.plan
     if plan == "one_pass" and (cfg.importance_sampling_level != "token" or cfg.off_policy_mask_threshold is not None):
         plan = "sequence"
@@ -277,7 +282,7 @@ def plan_of(config: PGLossConfig) -> str:
 
 def requirements(cfg: PGLossConfig) -> frozenset:
     """Inputs the resolved config cannot run without (``"entropy"`` is the current entropy)."""
-    var = get_variant(cfg.loss_type)
+    var = cfg.variant
     need = set(var.needs)
     if cfg.rollout_is is not None:
         need |= {"old_logp", "rollout_logp"}

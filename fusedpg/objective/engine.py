@@ -18,7 +18,7 @@ from .config import PGLossConfig, make_config, plan_of, requirements, resolve
 from .core import TokenContext, exp_clamped, kl_estimate
 from .inputs import LossInputs
 from .metrics import MetricSums, finalize_metrics
-from .registry import EpilogueSpec, get_variant
+from .registry import EpilogueSpec
 from . import selection
 
 _READY = "phase2_ready"
@@ -41,7 +41,7 @@ def batch_coefficients(batch: PGBatch, logp: torch.Tensor, entropy: Optional[tor
     ``entropy_threshold`` overrides the local entropy quantile of ``top_entropy_mode="trl"`` (TRL takes it over
     all ranks: the trainer may gather and pass it; nothing here communicates)."""
     cfg = resolve(cfg)
-    var = get_variant(cfg.loss_type)
+    var = cfg.variant
     _check_current("logp", logp, batch.num_tokens)
     _check_current("entropy", entropy, batch.num_tokens)
     if "entropy" in requirements(cfg) and entropy is None:
@@ -66,7 +66,7 @@ def epilogue_spec(cfg: PGLossConfig, batch: PGBatch) -> Optional[EpilogueSpec]:
     (bias-corrected at token level), and the entropy bonus. A term of ``token_loss`` not listed here must route
     to the generic path: add its condition below when you add the term."""
     cfg = resolve(cfg)
-    spec = get_variant(cfg.loss_type).epilogue
+    spec = cfg.variant.epilogue
     if spec is None or plan_of(cfg) == "two_phase":
         return None
     level = cfg.importance_sampling_level
@@ -90,7 +90,7 @@ def token_loss(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tenso
     minus ``entropy_coef * w^H_t H_t``.
     """
     cfg = resolve(cfg)
-    var = get_variant(cfg.loss_type)
+    var = cfg.variant
     n = batch.num_tokens
     _check_current("logp", logp, n)
     _check_current("entropy", entropy, n)
@@ -159,7 +159,7 @@ def _metrics(ms: MetricSums, ctx: TokenContext, sur, kl, cfg) -> None:
         ms.add("is_weight_sum", m * batch.is_weights)
         ms.min("is_weight_min", batch.is_weights, valid)
         ms.max("is_weight_max", batch.is_weights, valid)
-    seq_level = cfg.importance_sampling_level == "sequence" and batch.adv_per_seq and get_variant(cfg.loss_type).ratio
+    seq_level = cfg.importance_sampling_level == "sequence" and batch.adv_per_seq and cfg.variant.ratio
     if sur.ratio is not None:
         if seq_level:
             r, where, count = seg.amax(sur.ratio), None, float(seg.num)

@@ -58,6 +58,15 @@ def finalize_metrics(sums: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def metric_vector(sums: Dict[str, torch.Tensor], keys, dtype, device) -> torch.Tensor:
+    """``sums`` as one vector in the order of ``keys``; a key without a value (an empty batch) holds the identity
+    of its merge (0, or +inf / -inf for ``_min`` / ``_max``, which ``finalize_metrics`` reports as 0)."""
+    identity = {"_min": math.inf, "_max": -math.inf}
+    return torch.stack([sums[k].to(dtype) if k in sums else torch.tensor(identity.get(k[-4:], 0.0), dtype=dtype,
+                                                                           device=device) for k in keys]) \
+        if keys else torch.zeros(0, dtype=dtype, device=device)
+
+
 class MetricSums:
     """Builder used by ``token_loss``: ``add(name, tensor)`` sums, ``low(name, x)``/``high`` keep min/max."""
 
