@@ -84,3 +84,17 @@ def test_nan_fill_catches_an_unwritten_library_output(monkeypatch, backend):
                                                device=backend.device)}
     assert not results["linear.logp"].ok and results["linear.logp"].worst_index == (7,)
     assert results["linear.entropy"].ok
+
+
+def test_unused_entropy_skips_the_entropy_gradient(monkeypatch):
+    """Only logp reaches the loss: the backward gets d = None (no entropy passes over the chunk), as before the
+    op stack (custom ops materialise zero gradients unless told not to)."""
+    from fusedpg.linear import plan_torch
+
+    seen = []
+    real = plan_torch.softmax_grad_
+    monkeypatch.setattr(plan_torch, "softmax_grad_", lambda *a: seen.append(a[6] is None) or real(*a))
+    x = torch.randn(6, 8, requires_grad=True)
+    lp, _ = fusedpg.linear_logprob_entropy(x, torch.randn(11, 8), torch.randint(0, 11, (6,)), impl="torch")
+    lp.sum().backward()
+    assert seen == [True]

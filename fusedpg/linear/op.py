@@ -96,6 +96,7 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_va
 def _setup(ctx, inputs, output):
     hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes = inputs
     _, entropy, m, log_s = output
+    ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
     ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy)
     ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes)
 

@@ -126,6 +126,7 @@ def _(hidden, weight, bias, targets, advantages, mask, inputs, temp_rows, temp_v
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated: no [V, H] zeros for them
     ctx.save_for_backward(*output[2:5])
     ctx.has_bias = inputs[2] is not None
 

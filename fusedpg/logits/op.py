@@ -99,6 +99,7 @@ def logprob_entropy_backward_inplace_op(
 def _setup(ctx, inputs, output):
     logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, inplace = inputs
     _, entropy, m, log_s = output
+    ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
     ctx.save_for_backward(logits, targets, temp_rows, m, log_s, entropy)
     ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace)
 

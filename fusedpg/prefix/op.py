@@ -58,6 +58,7 @@ def _(q, k, v, o, lse, do, layout, scale, impl, need_q, need_k, need_v):
 
 def _setup(ctx, inputs, output):
     q, k, v, layout, scale, impl = inputs
+    ctx.set_materialize_grads(False)  # the log-sum-exp output is never differentiated
     ctx.save_for_backward(q, k, v, *output)
     ctx.args = (layout, scale, impl)
 
@@ -65,6 +66,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, do, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
+    if do is None:
+        return (None,) * 6
     grads = shared_prefix_attention_backward_op(q, k, v, o, lse, do.contiguous(), *ctx.args, *need)
     return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
 
