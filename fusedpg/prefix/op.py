@@ -68,7 +68,7 @@ def _backward(ctx, do, _grad_lse):
     need = ctx.needs_input_grad[:3]
     if do is None:
         return (None,) * 6
-    grads = shared_prefix_attention_backward_op(q, k, v, o, lse, do.contiguous(), *ctx.args, *need)
+    grads = shared_prefix_attention_backward_op(q, k, v, o, lse, do, *ctx.args, *need)
     return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
 
 
