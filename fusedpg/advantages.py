@@ -259,7 +259,8 @@ def empg_advantages(advantages, entropy, mask, seq_ids=None, step_ids=None, *, k
     if not bool(ok.any()):
         return advantages.clone()
     lo, hi = hs[ok].min(), hs[ok].max()
-    hn = (hs - lo) / (hi - lo + 1e-8)
+    # empty steps (every token masked) take 0: their exp would overflow to inf and turn into NaN through 0 * inf
+    hn = torch.where(ok, (hs - lo) / (hi - lo + 1e-8), torch.zeros_like(hs))
     gk = torch.exp(-k * hn)
     g = gk / gk[ok].mean()
     seq_of = torch.zeros(uniq.numel(), dtype=torch.long, device=a.device)

@@ -199,3 +199,14 @@ def test_dapo_helpers():
     r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5], dtype=torch.float64)
     flags = adv.zero_variance_groups(r, torch.tensor([3, 3, 1, 1, 8]))
     assert flags.tolist() == [True, True, False, False, True]
+
+
+def test_empg_empty_step_stays_finite():
+    """A fully masked sequence is an empty step: it is left out of the min-max range and gets no inf/NaN (its
+    exp() used to overflow, and the previous step's future term became 0 * inf = NaN)."""
+    a = torch.tensor([-0.7, 0.4], dtype=torch.float64)[:, None].expand(2, 3).contiguous()
+    h = torch.tensor([[0.6, 0.6, 0.6], [1.8, 1.8, 1.8]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    out = adv.empg_advantages(a, h, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], a[0])  # the one non-empty step: g = 1, no future term
