@@ -151,3 +151,25 @@ def chunk_bytes(value) -> int:
     if value <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {value}")
     return value
+
+
+def finite_enabled(flag: Optional[bool]) -> bool:
+    """``check_finite``: the keyword if given, else ``FUSEDPG_CHECK_FINITE`` (default off: no work, no sync)."""
+    if flag is not None:
+        return bool(flag)
+    from .options import _env_flag
+
+    return _env_flag("FUSEDPG_CHECK_FINITE", False)
+
+
+def finite(name: str, value: Optional[torch.Tensor], used: Optional[torch.Tensor] = None) -> None:
+    """Raise ``ValueError`` naming ``name`` and its first NaN/inf entry; ``used`` (bool, ``value``'s leading shape)
+    exempts the entries the loss never reads, such as masked tokens. One reduction and one host sync."""
+    if value is None or not value.is_floating_point():
+        return
+    bad = ~torch.isfinite(value)
+    if used is not None:
+        bad &= used.reshape(tuple(used.shape) + (1,) * (value.dim() - used.dim())).to(bad.device)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite (check_finite), got {value[index].item()} at index {index}")

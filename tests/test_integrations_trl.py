@@ -324,8 +324,8 @@ def test_prefix_grouper_matches_trl(tmp_path):
     calls = {"pack": 0}
     orig = ours._fusedpg_pack
 
-    def counting(inp):
-        packed = orig(inp)
+    def counting(*args):
+        packed = orig(*args)
         calls["pack"] += packed is not None and packed.layout.n_rows == 2  # one row per shared prompt
         return packed
 
@@ -421,8 +421,8 @@ def test_train_with_old_and_ref_passes_matches_trl(tmp_path, saved_model, nograd
         if run == "prefix":
             orig = trainer._fusedpg_pack
 
-            def counting(inp, orig=orig):
-                packed = orig(inp)
+            def counting(*args, orig=orig):
+                packed = orig(*args)
                 packs["nograd"] += not torch.is_grad_enabled() and packed is not None and packed.layout.n_rows == 1
                 return packed
 

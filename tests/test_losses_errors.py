@@ -39,6 +39,37 @@ def test_unknown_option_and_bad_choice(case):
         call(case, config={"loss_type": "grpo"})
 
 
+def test_unknown_option_message_is_short_with_a_suggestion(case):
+    with pytest.raises(TypeError) as e:
+        call(case, epsilon=0.2)  # TRL's spelling
+    msg = str(e.value)
+    assert "epsilon_low" in msg and "epsilon_high" in msg and len(msg) < 200, msg
+    with pytest.raises(TypeError, match="did you mean 'entropy_coef'") as e:
+        call(case, entropy_coeff_=0.1)
+    assert len(str(e.value)) < 200
+    with pytest.raises(TypeError, match="kl_loss_coef.*beta"):
+        call(case, kl_loss_coef=0.1)  # verl's spelling
+    with pytest.raises(TypeError, match="unknown option 'zzz': see fusedpg.PGLossConfig"):
+        call(case, zzz=1)
+
+
+@pytest.mark.parametrize("name,value,want", [("beta", -1.0, ">= 0"), ("epsilon_low", -0.1, ">= 0"),
+                                             ("top_entropy_quantile", 0.0, "in \\(0, 1\\]"),
+                                             ("log_ratio_clamp", 0.0, "> 0"), ("num_sequences", -2.0, ">= 0")])
+def test_out_of_range_options_name_the_bound(case, name, value, want):
+    with pytest.raises(ValueError, match=f"{name} must be {want}, got {value}"):
+        call(case, **{name: value})
+
+
+def test_keywords_override_config():
+    # documented in make_config: the keyword wins over the config's field
+    from fusedpg.objective.config import make_config
+
+    cfg = make_config(PGLossConfig(loss_type="grpo", beta=0.5), beta=0.1)
+    assert cfg.beta == 0.1 and cfg.loss_type == "grpo"
+    assert make_config(cfg, "dapo").loss_type == "dapo"
+
+
 @pytest.mark.parametrize("name,shape", [("advantages", (3, 5)), ("advantages", (2,)), ("old_logp", (3, 3)),
                                         ("ref_logp", (4, 4)), ("rollout_logp", (12,)), ("old_entropy", (3,))])
 def test_shape_mismatch_names_the_argument(case, name, shape):

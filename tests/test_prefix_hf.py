@@ -232,3 +232,23 @@ def test_bad_calls_raise_clear_errors():
         _model("mistral", NAME, sliding_window=4).model(**kwargs)
     with pytest.raises(ValueError, match="fallback"):
         register_transformers("fusedpg_prefix_bad", fallback="no_such_attention")
+
+
+def test_packed_rows_on_a_model_without_the_fusedpg_attention_raise_clearly():
+    prompts, comps, _ = _data()
+    kwargs = pack(prompts, comps).model_kwargs()
+    for attn in ("sdpa", "eager"):
+        with pytest.raises(ValueError, match=r"register_transformers\(\).*attn_implementation|attn_implementation"):
+            _model("llama", attn).model(**kwargs)
+    # transformers stores the implementation on the config: a second model from the same config object switches
+    # the first one to sdpa. Without a layout nothing changes (sdpa is the fallback); with one it raises.
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    first = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME)
+    ok = first.model(**kwargs).last_hidden_state
+    transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    if first.config._attn_implementation != NAME:
+        with pytest.raises(ValueError, match="copy.deepcopy"):
+            first.model(**kwargs)
+    else:  # a transformers release that copies the config: the first model keeps its attention
+        assert torch.equal(first.model(**kwargs).last_hidden_state, ok)

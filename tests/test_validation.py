@@ -415,3 +415,17 @@ def test_valid_edge_inputs_are_correct(backend, kw):
                     check_logits(case, impl=backend.impl, device=backend.device),
                     check_logits(case, impl=backend.impl, device=backend.device, inplace=True)):
         assert_all_ok(results, f"{backend.impl} {kw}")  # a NaN or inf where truth is finite fails here
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_chunk_bytes_must_be_positive_on_every_entry_point(value):
+    h, w, y = _inputs()
+    calls = {
+        "linear_logprob_entropy": lambda: _linear(chunk_bytes=value),
+        "logprob_entropy": lambda: _logits(chunk_bytes=value),
+        "fused_linear_pg_loss": lambda: fusedpg.fused_linear_pg_loss(
+            h, w, y, torch.ones(N), torch.ones(N), loss_type="grpo", chunk_bytes=value),
+    }
+    for name, call in calls.items():
+        with _raises(ValueError, "chunk_bytes", value=value):
+            call()

@@ -1,34 +1,7 @@
-"""A drop-in replacement for liger-kernel's ``LigerFusedLinearGRPOLoss`` backed by fusedpg.
-
-``from fusedpg.integrations.liger import LigerFusedLinearGRPOLoss`` in place of
-``from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss``: the constructor (liger-kernel 0.8.x, every
-keyword and default), ``forward``'s positional/keyword signature and the return value ``(loss, metrics)`` are
-Liger's, with ``metrics = (kl_mean, clip_ratio)`` when ``beta != 0`` and ``(clip_ratio,)`` otherwise, computed by
-Liger's formulas (KL mean and direction-aware clip fraction over the tokens of ``attention_mask``).
-
-Semantics follow Liger (= TRL's ``_compute_loss`` without GA) for every loss type it supports (grpo, bnpo, dr_grpo,
-dapo, cispo, sapo, luspo, vespo; token or sequence importance sampling): no log-ratio clamp, no dual clip, k3 KL,
-CISPO's ``epsilon_high`` as an absolute cap, LUSPO's unmasked ``B*T`` mean, ``vllm_is_ratio`` multiplying the
-policy term (folded into VESPO's weight), ``num_items_in_batch / world_size`` as the dapo/cispo/vespo normaliser.
-
-Differences, all documented:
-
-* ``compiled`` and ``chunk_size`` are accepted and stored but unused (fusedpg chunks by tokens itself).
-* Without ``num_items_in_batch`` under an initialised process group, Liger all-reduces the mask sum *per chunk*
-  inside the loss; this module does one ``all_reduce`` per call (``allreduce_normalizer=True``, the default, for
-  identical numbers), or none with ``allreduce_normalizer=False`` (local token count, like TRL's ``bnpo``).
-  Pass ``num_items_in_batch`` to avoid the collective entirely.
-* ``delta`` must exceed ``1 + epsilon_high`` (below it fusedpg raises: positive-advantage tokens inside the clip
-  range would lose their gradient); Liger accepts any ``delta > 0``. ``delta`` is ignored for cispo/sapo/vespo,
-  as in Liger.
-* With ``use_ref_model=True``, ``ref_per_token_logps=None`` and ``ref_input`` given, the reference log-probs are
-  computed with ``ref_weight`` (default: ``lin_weight``) and ``ref_bias`` by fusedpg's primitive, without grad.
-* ``old_per_token_logps=None`` (on-policy) costs one extra no-grad forward of the head to form ``old``.
-* The loss is differentiable w.r.t. ``_input``, ``lin_weight`` and ``bias`` like Liger's; metric tensors are
-  detached.
-
-Extra keyword-only constructor arguments: ``impl`` (``"triton"``/``"torch"``/``"reference"``; default by device),
-``chunk_bytes``, ``allreduce_normalizer``.
+"""A drop-in replacement for liger-kernel's ``LigerFusedLinearGRPOLoss`` backed by fusedpg: Liger's constructor,
+``forward`` signature, loss and metrics ``(kl_mean, clip_ratio)`` / ``(clip_ratio,)``. Semantics, differences and
+the extra keyword arguments (``impl``, ``chunk_bytes``, ``allreduce_normalizer``):
+docs/integrations.md#liger-kernel-ligerfusedlineargrpoloss.
 """
 from __future__ import annotations
 
@@ -215,7 +188,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             else:
                 out.append(torch.zeros((), dtype=logp.dtype, device=logp.device))
         # TRL's clip_ratio/region_mean (cispo: cispo_clip_ratio); none for sapo and vespo
-        terms = metric_terms(self.loss_type, coef, adv.reshape(adv.shape[0], -1), self.epsilon_low,
+        terms = metric_terms(self.loss_type, coef, adv if adv.dim() == 2 else adv[:, None], self.epsilon_low,
                              self.epsilon_high)
         _, clipped = terms.get("clip_ratio/region_mean", terms.get("cispo_clip_ratio", ("mean", None)))
         clipped = torch.zeros_like(mask) if clipped is None else clipped.expand_as(mask)

@@ -1,48 +1,7 @@
-"""TRL integration: ``GRPOTrainer``'s loss on hidden states with fusedpg's fused LM head + loss.
-
-``FusedPGGRPOTrainer`` is a drop-in subclass of ``trl.GRPOTrainer`` (``pip install fusedpg[trl]``; supported and
-tested: TRL 1.16.x, the 1.x ``_compute_loss`` semantics listed below). Its ``_compute_loss`` runs the model's
-backbone through the (DDP/PEFT-wrapped) model's forward, takes the last hidden states of the completion positions
-and computes log-probs, entropy, the policy-gradient loss and its gradients in one fused pass
-(:func:`fusedpg.fused_linear_pg_loss`): no ``B x T x V`` logits and no separate per-token log-prob tensor with an
-autograd graph behind it. The loss, its gradients and every metric TRL logs are TRL's own
-(``tests/test_integrations_trl.py`` checks them against an unmodified ``GRPOTrainer._compute_loss``).
-
-Covered: every ``loss_type`` (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo); ``epsilon``/``epsilon_high``,
-``delta``; ``beta`` with ``use_bias_correction_kl``; ``importance_sampling_level`` token/sequence;
-``top_entropy_quantile``; the entropy bonus (static and adaptive ``use_adaptive_entropy``); the vLLM IS correction
-(precomputed ``importance_sampling_ratio`` in every mode; folded into VESPO's weight); off-policy sequence masking
-(``off_policy_mask_threshold``, on ``sampling_per_token_logps`` when present); ``mask_truncated_completions`` and
-``tool_mask`` (through the completion mask TRL builds); gradient accumulation (``current_gradient_accumulation_steps``,
-``num_items_in_batch`` rescaled by ``GA / steps_per_generation`` as TRL 1.16 does); multi-process normalisation
-(``num_processes``); the MoE load-balancing loss; temperature; tied ``lm_head``; PEFT (frozen or trainable head);
-logged metrics ``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
-``policy_loss``, ``entropy_coef``, ``aux_loss``.
-
-Not covered (falls back to TRL's own ``_compute_loss``, with a one-time warning): multimodal inputs
-(``pixel_values`` & co.), models with logit soft-capping or logit scaling, a LoRA-wrapped or DeepSpeed ZeRO-3
-partitioned ``lm_head``.
-Raises ``NotImplementedError``: the entropy bonus together with ``top_entropy_quantile < 1`` for
-dapo/cispo/vespo (TRL's bonus denominator is the count of selected tokens, known only after the forward).
-Differences: ``delta`` must exceed ``1 + epsilon_high`` (fusedpg rejects the contradictory setting TRL accepts);
-with several processes, ``top_entropy_quantile`` thresholds each rank's own tokens (TRL gathers all ranks);
-``sampling_per_token_logps`` entries that are NaN (tokens vLLM could not score) are not neutralised for OPSM.
-
-Old/reference log-prob passes: TRL's ``_get_per_token_logps_and_entropies`` as ``_generate_and_score_completions``
-calls it under ``torch.no_grad`` (the old policy's log-probs when not on-policy or with the vLLM IS correction; the
-reference model's, or the PEFT model with its adapter disabled, when ``beta != 0``) runs the backbone through the
-hidden-state forward and :func:`fusedpg.linear_logprob_entropy` on the completion positions: no ``N x V`` logits,
-the same numbers as TRL's fused head (and the same head arithmetic as the training pass, so an on-policy ratio is
-exactly 1). Calls with autograd on, with the MoE aux loss, or outside the covered cases above go to TRL's pass.
-
-Prefix Grouper (``prefix_grouper=True``; the model must be built with
-``attn_implementation=fusedpg.prefix.register_transformers()``): consecutive rows with the same prompt are packed
-once as ``[prompt | completion_1 | ... | completion_G]`` (``fusedpg.prefix.pack``) for the training forward and for
-the old/ref passes (per ``batch_size`` chunk; the reference model TRL builds inherits the attention implementation,
-one without it runs ungrouped); the loss is unchanged. Generation uses the model's fallback attention (``sdpa``).
-
-Options (keyword arguments of the constructor): ``fusedpg_impl`` (``"triton"``/``"torch"``; default by device),
-``fusedpg_chunk_bytes``, ``prefix_grouper``.
+"""TRL integration: ``FusedPGGRPOTrainer``, a drop-in ``trl.GRPOTrainer`` whose loss and old/ref log-prob passes
+run on hidden states through fusedpg's fused LM head + loss (no ``B x T x V`` logits), with TRL's own loss,
+gradients and logged metrics. What it covers, where it falls back to TRL and how it differs:
+docs/integrations.md#trl-fusedpggrpotrainer. Checked against an unmodified TRL in tests/test_integrations_trl.py.
 """
 from __future__ import annotations
 
@@ -162,26 +121,39 @@ if _GRPOTrainer is not None:
                 pass
             return weight, bias
 
-        def _fusedpg_pack(self, inputs):
+        def _fusedpg_pack(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
             """Group consecutive rows that share a prompt and pack them (None if a completion mask is not a
             contiguous prefix, where the packed rows would not line up with TRL's)."""
             from ..prefix import pack
 
-            pm, cm = inputs["prompt_mask"].bool(), inputs["completion_mask"].bool()
+            pm, cm = prompt_mask.bool(), completion_mask.bool()
             lens = cm.sum(-1)
             if bool((cm != (torch.arange(cm.shape[1], device=cm.device)[None] < lens[:, None])).any()):
                 return None
             prompts, groups = [], []
             for i in range(pm.shape[0]):
-                prompt = inputs["prompt_ids"][i][pm[i]]
-                comp = inputs["completion_ids"][i][:max(int(lens[i]), 1)]  # an empty completion keeps one masked token
+                prompt = prompt_ids[i][pm[i]]
+                comp = completion_ids[i][:max(int(lens[i]), 1)]  # an empty completion keeps one masked token
                 if prompts and prompts[-1].shape == prompt.shape and bool((prompts[-1] == prompt).all()):
                     groups[-1].append(comp)
                 else:
                     prompts.append(prompt)
                     groups.append([comp])
             pad = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else 0
-            return pack(prompts, groups, pad_token_id=int(pad), device=inputs["prompt_ids"].device)
+            return pack(prompts, groups, pad_token_id=int(pad), device=prompt_ids.device)
+
+        def _fusedpg_forward(self, model, ids, am, k: int, grouped: bool):
+            """(model output, last hidden states ``[B, k, H]`` at the positions that predict the last ``k`` tokens),
+            through ``model``'s own forward so that its wrappers' hooks run; packed per prompt when ``grouped``
+            (Prefix Grouper: each prompt once, its completions attend to it)."""
+            packed = self._fusedpg_pack(ids[:, :-k], am[:, :-k], ids[:, -k:], am[:, -k:]) if grouped else None
+            with self.accelerator.autocast():
+                if packed is None:
+                    out = model(input_ids=ids, attention_mask=am, fusedpg_hidden=True)
+                    return out, out.last_hidden_state[:, -k - 1:-1]
+                out = model(**packed.model_kwargs(), fusedpg_hidden=True)
+            hidden = packed.layout.unpack(out.last_hidden_state, padded=True)
+            return out, torch.nn.functional.pad(hidden, (0, 0, 0, k - hidden.shape[1]))
 
         def _fusedpg_nograd_base(self, model):
             """The causal-LM module under ``model``'s wrappers (DDP/DeepSpeed, PEFT), with the hidden-state forward
@@ -225,18 +197,7 @@ if _GRPOTrainer is not None:
             all_logps, all_entropies = [], []
             for start in range(0, input_ids.size(0), batch_size):
                 ids, am = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
-                packed = None
-                if grouped:
-                    packed = self._fusedpg_pack(dict(prompt_ids=ids[:, :-k], prompt_mask=am[:, :-k],
-                                                     completion_ids=ids[:, -k:], completion_mask=am[:, -k:]))
-                with self.accelerator.autocast():
-                    if packed is None:
-                        out = model(input_ids=ids, attention_mask=am, fusedpg_hidden=True)
-                        hidden = out.last_hidden_state[:, -k - 1:-1]
-                    else:
-                        out = model(**packed.model_kwargs(), fusedpg_hidden=True)
-                        hidden = packed.layout.unpack(out.last_hidden_state, padded=True)
-                        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, k - hidden.shape[1]))
+                _, hidden = self._fusedpg_forward(model, ids, am, k, grouped)
                 hidden = hidden.to(device=weight.device, dtype=weight.dtype)
                 valid = am[:, -k:].to(weight.device) != 0
                 targets = ids[:, -k:].to(weight.device).masked_fill(~valid, -100)
@@ -265,19 +226,10 @@ if _GRPOTrainer is not None:
             completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
             input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
             attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-            n_comp = completion_ids.size(1)
             mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
             maskf = mask.float()
-
-            packed = self._fusedpg_pack(inputs) if self.prefix_grouper else None
-            with self.accelerator.autocast():
-                if packed is None:
-                    out = model(input_ids=input_ids, attention_mask=attention_mask, fusedpg_hidden=True)
-                    hidden = out.last_hidden_state[:, -n_comp - 1:-1]
-                else:  # Prefix Grouper: each prompt once, its completions attend to it (fusedpg.prefix)
-                    out = model(**packed.model_kwargs(), fusedpg_hidden=True)
-                    hidden = packed.layout.unpack(out.last_hidden_state, padded=True)
-                    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, n_comp - hidden.shape[1]))
+            out, hidden = self._fusedpg_forward(model, input_ids, attention_mask, completion_ids.size(1),
+                                                self.prefix_grouper)
             weight, bias = self._fusedpg_head()
             hidden = hidden.to(device=weight.device, dtype=weight.dtype)
             targets = completion_ids.to(weight.device)

@@ -1,44 +1,6 @@
-"""verl adapters: policy losses for the variants verl's registry lacks, and a fused ``linear_cross_entropy``.
-
-Policy losses
-    ``compute_policy_loss_<name>`` for ``gppo``, ``dcpo``, ``bapo``, ``ngrpo``, ``nsr``, ``w_reinforce``, ``empg``,
-    ``gtpo``, ``d3s`` with verl's policy-loss signature (verl >= 0.5, ``verl/trainer/ppo/core_algos.py``)::
-
-        fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
-           rollout_is_weights=None, *, entropy=None, old_entropy=None, group_ids=None, step_ids=None,
-           token_weights=None) -> (pg_loss, {"actor/pg_clipfrac": float, "actor/ppo_kl": float,
-                                             "actor/pg_clipfrac_lower": float})
-
-    which is the newer dict-returning form; :func:`as_tuple_loss` gives the older
-    ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` form. All tensors are verl's ``[B, T]`` (advantages per
-    token). The loss is :func:`fusedpg.pg_loss` on verl's ``log_prob`` (gradient flows through it), with
-
-    * ``epsilon_low/high`` from ``config.clip_ratio_low/high`` (else ``config.clip_ratio``), ``dual_clip_c`` from
-      ``config.clip_ratio_c``, verl's ±20 log-ratio clamp; without ``config`` the variant's recipe defaults;
-    * ``aggregation = loss_agg_mode``; ``config.global_batch_info`` (verl's new engine: ``dp_size``,
-      ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``) becomes ``world_size``,
-      ``num_items_in_batch``, ``num_sequences``, ``loss_scale_factor``; ``config.loss_scale_factor`` is also read;
-    * ``rollout_is_weights`` multiplying the policy term (as verl does);
-    * any :class:`fusedpg.PGLossConfig` field overridden from a mapping ``config.fusedpg`` or
-      ``config.policy_loss.fusedpg`` (e.g. ``{"gtpo_entropy_threshold": 0.6, "d3s_token_ratio": 0.1}``).
-
-    EMPG, GTPO and D³S shape advantages with the policy entropy, which verl's signature does not carry: pass
-    ``entropy=`` (current entropy, detached inside) or ``old_entropy=`` (with ``shaping_entropy="old"``), e.g. by
-    wrapping the registered function in the actor. Without either they raise a ``ValueError`` naming the argument.
-    NSR and W-REINFORCE read binary rewards from ``advantages`` (docs/losses.md#psr-nsr-and-w-reinforce). DCPO's group-token-mean needs
-    ``group_ids`` (else the micro-batch is one group). ``rollout_log_probs`` (older verl) is accepted and ignored.
-
-Registration
-    Importing this module registers every function with verl's ``register_policy_loss`` when
-    ``verl.trainer.ppo.core_algos`` is importable, under ``"fusedpg_<name>"`` and, where verl has no loss of that
-    name, under ``"<name>"``. :func:`register` does it explicitly (e.g. after verl is imported later).
-
-``linear_cross_entropy``
-    The signature and output contract of verl's fused kernel (``verl/utils/kernel/linear_cross_entropy.py``):
-    ``linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None)
-    -> (logprobs, entropy)``, fp32, differentiable w.r.t. ``hidden`` and ``weight`` (and through the entropy),
-    backed by :func:`fusedpg.linear_logprob_entropy`. ``reduction="sum"|"mean"`` reduce both outputs. A
-    vocabulary-parallel ``dist_process_group`` is not supported (raises).
+"""verl adapters: ``compute_policy_loss_<name>`` for the variants verl's registry lacks (registered with verl on
+import when it is installed) and a fused ``linear_cross_entropy`` with verl's kernel contract. Signatures, config
+mapping and limits: docs/integrations.md#verl-policy-losses-and-linear_cross_entropy.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ def linear_logprob_entropy(
     check_targets: Optional[bool] = None,
     impl: Optional[str] = None,
     chunk_bytes: Optional[int] = None,
+    check_finite: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
 
@@ -39,6 +40,8 @@ def linear_logprob_entropy(
         check_targets: verify targets lie in ``[0, V)``; default True unless ``FUSEDPG_CHECK_TARGETS=0``.
         impl: ``"triton"``, ``"torch"`` or ``"reference"``; default from ``FUSEDPG_IMPL``, else by device.
         chunk_bytes: budget of one chunk's ``[rows, V]`` buffer (default: 64 MiB on the torch plan, 1 GiB on Triton).
+        check_finite: raise on NaN/inf in hidden (rows not ignored), weight or bias, naming the tensor
+            and index; default off unless ``FUSEDPG_CHECK_FINITE=1`` (one host sync per tensor when on).
 
     Returns:
         ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
@@ -52,6 +55,10 @@ def linear_logprob_entropy(
     checks.linear_inputs(hidden, weight, targets, bias)
     lead = hidden.shape[:-1]
     temp = checks.temperature(temperature, lead, hidden.device)
+    if checks.finite_enabled(check_finite):
+        for name, x, used in (("hidden", hidden, targets != ignore_index), ("weight", weight, None),
+                              ("bias", bias, None)):
+            checks.finite(name, x, used)
     if check_targets is None:
         check_targets = LogProbOptions.default_check_targets()
     impl = resolve_impl(impl, hidden.device)

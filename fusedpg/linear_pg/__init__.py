@@ -9,6 +9,7 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..linear import linear_logprob_entropy
+from ..objective.validate import check_finite as check_finite_inputs
 from ..objective import (LossInputs, PGLossConfig, batch_coefficients, finalize_metrics, make_config, plan_of,
                          prepare, token_loss)
 from .op import config_key, config_of, fused_linear_pg_loss_op, metric_keys, plan_for
@@ -49,6 +50,7 @@ def fused_linear_pg_loss(
     step_ids: Optional[torch.Tensor] = None,
     token_weights: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
+    check_finite: Optional[bool] = None,
     **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss straight from the last hidden states and the LM-head weight.
@@ -69,6 +71,7 @@ def fused_linear_pg_loss(
             (``"one_pass"`` / ``"sequence"`` are accepted where the config allows them).
         rollout_logp, is_weights, old_entropy, group_ids, step_ids, token_weights, truncated: as in
             :func:`fusedpg.objective.prepare`, for the variants that use them.
+        check_finite: as in :func:`fusedpg.pg_loss`, plus hidden (unmasked tokens), weight and bias.
 
     Returns:
         ``(loss, metrics)``: the scalar loss (differentiable w.r.t. hidden, weight, bias) and the metric dict of
@@ -86,6 +89,8 @@ def fused_linear_pg_loss(
         raise ValueError(f"mask must have hidden's leading shape {tuple(lead)}, got {checks._describe(mask)}")
     inputs = LossInputs(old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids, step_ids,
                         token_weights, truncated)
+    if checks.finite_enabled(check_finite):
+        check_finite_inputs(mask, hidden=hidden, weight=weight, bias=bias, advantages=advantages, **inputs.floats())
     key = config_key(config, loss_type, tuple(options.items()))
     run_plan = plan_for(key, plan)
     temp = checks.temperature(temperature, lead, hidden.device)

@@ -75,9 +75,10 @@ def _metric_keys(key: str, present: Tuple[str, ...]) -> Tuple[str, ...]:
     return tuple(sorted(token_loss(batch, lp, ent, cfg)[1]))
 
 
-def _loss_dtype(hidden, advantages, inputs: LossInputs) -> torch.dtype:
-    floats = [advantages] + [t for t in inputs.as_list() if t is not None and t.is_floating_point()]
-    return torch.float64 if any(t.dtype == torch.float64 for t in [hidden] + floats) else torch.float32
+def _loss_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The working precision of the loss math: fp64 for an fp64 head, else fp32. Loss inputs in fp64 (advantages
+    built from numpy rewards) are cast to it, so they give the fp32-input result instead of a dtype clash."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("fusedpg::fused_linear_pg_loss", mutates_args=())
@@ -92,8 +93,8 @@ def fused_linear_pg_loss_op(
     are not needed are empty."""
     cfg = config_of(config)
     bundle = LossInputs.from_list(inputs)
-    work = torch.float64 if hidden.dtype == torch.float64 else None
-    batch = prepare(advantages, mask, bundle, dtype=work, config=cfg)
+    dtype = _loss_dtype(hidden)
+    batch = prepare(advantages, mask, bundle, dtype=dtype, config=cfg)
     y = targets.reshape(-1)
     bad = batch.active & ((y < 0) | (y >= weight.shape[0]))
     if y.numel() and bool(bad.any()):
@@ -104,7 +105,6 @@ def fused_linear_pg_loss_op(
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     run = two_phase if plan == "two_phase" else one_pass
     res = run(hidden, weight, bias, y, temp, batch, cfg, impl, chunk_bytes, needs)
-    dtype = _loss_dtype(hidden, advantages, bundle)
     sums = metric_vector(res.sums, _metric_keys(config, bundle.present()), dtype, hidden.device)
     grads = [hidden.new_empty(0) if not need else (torch.zeros_like(x) if g is None else g.to(x.dtype))
              for g, x, need in zip((res.dh, res.dw, res.db), (hidden, weight, bias), needs)]
@@ -115,7 +115,7 @@ def fused_linear_pg_loss_op(
 @fused_linear_pg_loss_op.register_fake
 def _(hidden, weight, bias, targets, advantages, mask, inputs, temp_rows, temp_value, config, impl, chunk_bytes, plan,
       need_hidden, need_weight, need_bias, token_stats):
-    dtype = _loss_dtype(hidden, advantages, LossInputs.from_list(inputs))
+    dtype = _loss_dtype(hidden)
     n_keys = len(_metric_keys(config, LossInputs.from_list(inputs).present()))
     need_bias = need_bias and bias is not None
     grads = [torch.empty_like(x) if need else hidden.new_empty(0)

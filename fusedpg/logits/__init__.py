@@ -25,6 +25,7 @@ def logprob_entropy(
     check_targets: Optional[bool] = None,
     impl: Optional[str] = None,
     chunk_bytes: Optional[int] = None,
+    check_finite: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(logits / temperature)``.
 
@@ -34,7 +35,8 @@ def logprob_entropy(
         temperature: positive float or a tensor of the leading shape (no gradient).
         inplace_backward: write the logits gradient into the logits buffer (saves one N x V tensor; the caller's
             logits are overwritten during backward, so do not reuse them afterwards).
-        check_targets, impl, chunk_bytes: as in :func:`fusedpg.linear_logprob_entropy`.
+        check_targets, impl, chunk_bytes, check_finite: as in :func:`fusedpg.linear_logprob_entropy` (the finite
+            check reads logits on rows that are not ignored; ``-inf`` logits are allowed, NaN and ``+inf`` are not).
 
     Returns:
         ``(logp, entropy)`` fp32 of the leading shape.
@@ -48,6 +50,9 @@ def logprob_entropy(
     checks.logits_inputs(logits, targets)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     temp = checks.temperature(temperature, lead, logits.device)
+    if checks.finite_enabled(check_finite):
+        # -inf columns are banned tokens (a sampler's mask), not bugs
+        checks.finite("logits", logits.masked_fill(logits == float("-inf"), 0), targets != ignore_index)
     if check_targets is None:
         check_targets = LogProbOptions.default_check_targets()
     impl = resolve_impl(impl, logits.device)

@@ -42,7 +42,6 @@ class PGBatch:
     step: Optional[torch.Tensor] = None
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)  # variant tensors: [N] or 0-dim scalars
     shape: Optional[Tuple[int, int]] = None  # (B, T) of a padded input, None for packed input
-    has_seq_ids: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +113,9 @@ def prepare(
     for name in ("old_logp", "ref_logp", "rollout_logp", "old_entropy"):
         if f.get(name) is not None:  # -inf / garbage on masked tokens must not reach exp or autograd
             f[name] = torch.where(active, f[name], zero)
+    # a NaN advantage of a fully masked sequence must not reach the loss through 0 * NaN; finite ones stay, since
+    # sequence-level quantities (VESPO's phi) read the advantage on every token of the sequence
+    f["advantages"] = torch.where(active | torch.isfinite(f["advantages"]), f["advantages"], zero)
     f["extra"] = {}
     f["is_weights"] = _rollout_weights(cfg, f, m, seq, nseq)
     token_shaped = (cfg.importance_sampling_level != "sequence" or cfg.beta != 0 or cfg.top_entropy_quantile < 1
@@ -125,7 +127,7 @@ def prepare(
         entropy_weights=aggregation.entropy_weights(m, m, w, cfg), adv_per_seq=f["adv_per_seq"],
         old_logp=f.get("old_logp"), ref_logp=f.get("ref_logp"), rollout_logp=f.get("rollout_logp"),
         is_weights=f["is_weights"], token_weights=f.get("token_weights"), old_entropy=f.get("old_entropy"),
-        group=f.get("group"), step=f.get("step"), extra=f["extra"], shape=f["shape"], has_seq_ids=f["has_seq_ids"],
+        group=f.get("group"), step=f.get("step"), extra=f["extra"], shape=f["shape"],
     )
     return batch if var.prep is None else batch.updated(var.prep(batch, cfg))
 

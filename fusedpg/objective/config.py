@@ -8,6 +8,7 @@ clip off explicitly. Temperature is not here: it belongs to the log-prob kernel.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 from dataclasses import dataclass
@@ -156,35 +157,17 @@ class PGLossConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        _positive("log_ratio_clamp", self.log_ratio_clamp)
-        _positive("kl_value_clamp", self.kl_value_clamp)
-        _positive("max_completion_length", self.max_completion_length)
-        _positive("loss_scale_factor", self.loss_scale_factor)
-        _positive("sapo_tau_pos", self.sapo_tau_pos)
-        _positive("sapo_tau_neg", self.sapo_tau_neg)
-        for name in ("epsilon_low", "epsilon_high"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if self.num_items_in_batch is not None and not self.num_items_in_batch >= 0:
-            raise ValueError(f"num_items_in_batch must be >= 0, got {self.num_items_in_batch!r}")
-        if self.num_sequences is not None and not self.num_sequences >= 0:
-            raise ValueError(f"num_sequences must be >= 0, got {self.num_sequences!r}")
-        if self.top_entropy_quantile is not None and not 0.0 < self.top_entropy_quantile <= 1.0:
-            raise ValueError(f"top_entropy_quantile must lie in (0, 1], got {self.top_entropy_quantile!r}")
-        if not 0.0 < self.d3s_token_ratio <= 1.0:
-            raise ValueError(f"d3s_token_ratio must lie in (0, 1], got {self.d3s_token_ratio!r}")
-        for name in ("clip_cov_ratio", "kl_cov_ratio"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for names, ok, want in _BOUNDS:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not ok(value):
+                    raise ValueError(f"{name} must be {want}, got {value!r}")
         if not self.clip_cov_lb < self.clip_cov_ub:
             raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} >= {self.clip_cov_ub}")
         for name in ("bapo_low_range", "bapo_high_range"):
             lo_hi = getattr(self, name)
             if not (isinstance(lo_hi, tuple) and len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1]):
                 raise ValueError(f"{name} must be a (start, end) pair with start <= end, got {lo_hi!r}")
-        for name in ("bapo_low_step", "bapo_high_step"):
-            _positive(name, getattr(self, name))
         lo, hi = self.rollout_is_min, self.rollout_is_max
         if lo is not None and hi is not None and not lo < hi:
             raise ValueError(f"rollout_is_min must be < rollout_is_max, got {lo} >= {hi}")
@@ -200,19 +183,40 @@ class PGLossConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _positive(name: str, value) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{name} must be > 0 (or None), got {value!r}")
+# (fields, predicate, what the message asks for); None always passes (it means "default" or "off")
+_BOUNDS = (
+    (("log_ratio_clamp", "kl_value_clamp", "max_completion_length", "loss_scale_factor", "sapo_tau_pos",
+      "sapo_tau_neg", "clip_cov_ratio", "kl_cov_ratio", "bapo_low_step", "bapo_high_step"), lambda v: v > 0, "> 0"),
+    (("epsilon_low", "epsilon_high", "num_items_in_batch", "num_sequences", "beta"), lambda v: v >= 0, ">= 0"),
+    (("top_entropy_quantile", "d3s_token_ratio"), lambda v: 0 < v <= 1, "in (0, 1]"),
+)
+# other trainers' spellings of an option -> ours (TRL's epsilon is one bound; here the range has two)
+_SPELLINGS = {"epsilon": "epsilon_low (and epsilon_high)", "loss_agg_mode": "aggregation",
+              "clip_ratio": "epsilon_low / epsilon_high", "clip_ratio_low": "epsilon_low",
+              "clip_ratio_high": "epsilon_high", "clip_ratio_c": "dual_clip_c", "kl_coef": "beta",
+              "kl_loss_coef": "beta", "kl_loss_type": "kl_estimator",
+              "entropy_coeff": "entropy_coef", "use_bias_correction_kl": "kl_bias_correction",
+              "vllm_importance_sampling_mode": "rollout_is", "vllm_importance_sampling_cap": "rollout_is_max"}
+
+
+def _unknown_option(name: str, names) -> str:
+    """One short line: the unknown name, then TRL's/verl's spelling or the nearest field names."""
+    if name in _SPELLINGS:
+        return f"unknown option {name!r}: fusedpg spells it {_SPELLINGS[name]}"
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see fusedpg.PGLossConfig for the options"
+    return f"unknown option {name!r}: {hint}"
 
 
 def make_config(config: Optional[PGLossConfig] = None, loss_type: Optional[str] = None, **options) -> PGLossConfig:
-    """The keyword form builds a config; with ``config=`` the keywords override it (``dataclasses.replace``)."""
+    """The keyword form builds a config. With ``config=`` too, ``loss_type`` and the keywords override its fields
+    (``dataclasses.replace``): ``pg_loss(..., config=cfg, beta=0.1)`` runs ``cfg`` with ``beta=0.1``."""
     if config is not None and not isinstance(config, PGLossConfig):
         raise TypeError(f"config must be a PGLossConfig or None, got {type(config).__name__}")
     names = {f.name for f in dataclasses.fields(PGLossConfig)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; PGLossConfig has: {', '.join(sorted(names))}")
+        raise TypeError("; ".join(_unknown_option(u, sorted(names)) for u in unknown))
     if loss_type is not None:
         options["loss_type"] = loss_type
     return dataclasses.replace(config, **options) if config is not None else PGLossConfig(**options)

@@ -20,16 +20,21 @@ from .inputs import LossInputs
 from .metrics import MetricSums, finalize_metrics
 from .registry import EpilogueSpec
 from . import selection
+from .validate import check_finite as check_finite_inputs
 
 _READY = "phase2_ready"
 
 
-def _check_current(name: str, t: Optional[torch.Tensor], n: int) -> None:
-    if t is None:
-        return
-    checks.floating(name, t)
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{name} must be [n] = ({n},) to match the batch slice, got {checks._describe(t)}")
+def _check_current(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tensor], cfg: PGLossConfig) -> None:
+    """The current ``logp`` / ``entropy`` are ``[n]`` floats of the batch slice; entropy where the config needs it."""
+    for name, t in (("logp", logp), ("entropy", entropy)):
+        if t is not None:
+            checks.floating(name, t)
+            if tuple(t.shape) != (batch.num_tokens,):
+                raise ValueError(f"{name} must be [n] = ({batch.num_tokens},) to match the batch slice, got "
+                                 f"{checks._describe(t)}")
+    if "entropy" in requirements(cfg) and entropy is None:
+        raise ValueError(f"entropy is required by loss_type={cfg.loss_type!r} with these options, got None")
 
 
 def batch_coefficients(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tensor],
@@ -42,10 +47,7 @@ def batch_coefficients(batch: PGBatch, logp: torch.Tensor, entropy: Optional[tor
     all ranks: the trainer may gather and pass it; nothing here communicates)."""
     cfg = resolve(cfg)
     var = cfg.variant
-    _check_current("logp", logp, batch.num_tokens)
-    _check_current("entropy", entropy, batch.num_tokens)
-    if "entropy" in requirements(cfg) and entropy is None:
-        raise ValueError(f"entropy is required by loss_type={cfg.loss_type!r} with these options, got None")
+    _check_current(batch, logp, entropy, cfg)
     lp = torch.where(batch.active, logp.detach().to(batch.dtype), torch.zeros((), dtype=batch.dtype))
     h = None if entropy is None else torch.where(batch.active, entropy.detach().to(batch.dtype),
                                                  torch.zeros((), dtype=batch.dtype))
@@ -91,11 +93,7 @@ def token_loss(batch: PGBatch, logp: torch.Tensor, entropy: Optional[torch.Tenso
     """
     cfg = resolve(cfg)
     var = cfg.variant
-    n = batch.num_tokens
-    _check_current("logp", logp, n)
-    _check_current("entropy", entropy, n)
-    if "entropy" in requirements(cfg) and entropy is None:
-        raise ValueError(f"entropy is required by loss_type={cfg.loss_type!r} with these options, got None")
+    _check_current(batch, logp, entropy, cfg)
     if plan_of(cfg) == "two_phase" and _READY not in batch.extra:
         raise ValueError(f"loss_type={cfg.loss_type!r} with these options is two-phase: merge "
                          "batch_coefficients(batch, logp, entropy, cfg) into the batch first (batch.updated)")
@@ -217,6 +215,7 @@ def pg_loss(
     truncated: Optional[torch.Tensor] = None,
     loss_type: Optional[str] = None,
     config: Optional[PGLossConfig] = None,
+    check_finite: Optional[bool] = None,
     **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss from per-token log-probs, for trainers that already have them (verl, OpenRLHF).
@@ -232,6 +231,8 @@ def pg_loss(
         old_entropy, seq_ids, group_ids, step_ids, token_weights, truncated: see ``prepare``.
         loss_type: a registered variant (default ``"dapo"``, or the config's). ``config`` plus keyword options
             build the ``PGLossConfig``; keywords override the config.
+        check_finite: raise on NaN/inf in any float input on an unmasked token (or a per-sequence value of a
+            sequence with one), naming the tensor and index; default off unless ``FUSEDPG_CHECK_FINITE=1``.
 
     Returns:
         ``(loss, metrics)``: the scalar loss to backpropagate on this rank for this micro-step, and a dict of
@@ -249,6 +250,8 @@ def pg_loss(
     work = torch.float64 if logp.dtype == torch.float64 else None
     inputs = LossInputs(old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids, step_ids,
                         token_weights, truncated)
+    if checks.finite_enabled(check_finite):
+        check_finite_inputs(mask, logp=logp, entropy=entropy, advantages=advantages, **inputs.floats())
     batch = prepare(advantages, mask, inputs, dtype=work, config=cfg)
     lp = logp.reshape(-1)
     h = None if entropy is None else entropy.reshape(-1)

@@ -51,6 +51,10 @@ class LossInputs:
     def from_list(values: List[Optional[torch.Tensor]]) -> "LossInputs":
         return LossInputs(*values)
 
+    def floats(self) -> Dict[str, torch.Tensor]:
+        """The floating tensors given, by name (what ``check_finite`` reads)."""
+        return {n: t for n in self.names() if (t := getattr(self, n)) is not None and t.is_floating_point()}
+
     def present(self) -> Tuple[str, ...]:
         return tuple(n for n in self.names() if getattr(self, n) is not None)
 

@@ -79,7 +79,6 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
             raise ValueError(f"seq_ids is for packed [N] input only; mask is [B, T] = {tuple(mask.shape)}")
         seq = torch.arange(b, device=dev).repeat_interleave(t)
         offsets = tuple(range(0, b * t + 1, t)) if t > 0 else (0,) * (b + 1)
-        out["has_seq_ids"] = True
     elif seq_ids is None:
         plan = plan_of(cfg)
         why = (f"the {plan} plan" if plan != "one_pass" else
@@ -90,7 +89,6 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
                              "boundaries), got None")
         seq = torch.zeros(n, dtype=torch.long, device=dev)
         offsets = (0, n) if n else (0,)
-        out["has_seq_ids"] = False
     else:
         checks.integer("seq_ids", seq_ids)
         checks.same_device("seq_ids", seq_ids, "mask", mask)
@@ -103,7 +101,6 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
         seq = torch.cumsum(change.long(), 0) - 1
         starts = torch.nonzero(change).flatten().tolist()
         offsets = tuple(starts) + (n,) if n else (0,)
-        out["has_seq_ids"] = True
     nseq = len(offsets) - 1
     if mask.dim() == 1 and cfg.aggregation == "seq-mean-token-sum-norm" and cfg.loss_scale_factor is None:
         raise ValueError("loss_scale_factor is required for aggregation='seq-mean-token-sum-norm' with packed [N] "
@@ -137,3 +134,19 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
             raise ValueError(f"group_ids must hold one id per sequence ({nseq},), got {checks._describe(group_ids)}")
         out["group"] = group_ids[seq]
     return out
+
+
+def check_finite(mask: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """``check_finite`` on the loss inputs: a tensor with mask's (leading) shape is read on unmasked tokens only, a
+    per-sequence one on sequences with an unmasked token; anything else (weights, packed per-sequence values)
+    everywhere."""
+    on = mask != 0
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        used = None
+        if tuple(t.shape[:mask.dim()]) == tuple(mask.shape):
+            used = on
+        elif mask.dim() == 2 and t.numel() == mask.shape[0] and t.dim() and t.shape[0] == mask.shape[0]:
+            used = on.any(-1).reshape(t.shape)
+        checks.finite(name, t, used)

@@ -71,38 +71,32 @@ def _empg(batch, entropy, cfg):
     return dict(selection.empg_advantage(batch, entropy, cfg, base=base), advantages_base=base)
 
 
+def _clip(name, plan="one_pass", epilogue=_CLIP, **kw):
+    """``register`` for a PPO-clip recipe: old log-probs, ``delta`` applies, the clip epilogue unless given."""
+    return register(name, epilogue=epilogue, plan=plan, needs=_OLD, clipped=True, **kw)
+
+
 _PPO = dict(epsilon_low=0.2, epsilon_high=0.2)
 _GSPO = dict(epsilon_low=3e-4, epsilon_high=4e-4)
 
 
-@register("ppo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, dual_clip_c=3.0))
-@register("grpo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="grpo"))
-@register("dr_grpo", epilogue=_CLIP, 
-          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="dr_grpo"))
-@register("dapo", epilogue=_CLIP, 
-          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(epsilon_high=0.28, aggregation="dapo"))
-@register("bnpo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="bnpo"))
-@register("bnpo_adv", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True,
-          defaults=dict(epsilon_high=0.28, dual_clip_c=10.0, aggregation="seq-mean-token-sum"))
-@register("ngrpo", epilogue=_CLIP, 
-          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(epsilon_low=0.16, epsilon_high=0.24))
-@register("aepo", epilogue=_CLIP, plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO)
-@register("psr", epilogue=_CLIP, 
-          plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("psr"))
-@register("nsr", epilogue=_CLIP, 
-          plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("nsr"))
-@register("w_reinforce", epilogue=_CLIP, 
-          plan="one_pass", needs=_OLD, clipped=True, defaults=_PPO, prep=_binary_rewards("w_reinforce"))
-@register("top_entropy", epilogue=_CLIP, plan="two_phase", needs=_OLD, clipped=True,
-          defaults=dict(epsilon_high=0.28, aggregation="dapo", top_entropy_quantile=0.2))
-@register("gspo", epilogue=_CLIP, plan="sequence", needs=_OLD, clipped=True,
-          defaults=dict(_GSPO, importance_sampling_level="sequence", aggregation="grpo"))
-@register("gspo_token", epilogue=_CLIP, plan="sequence", needs=_OLD, clipped=True,
-          defaults=dict(_GSPO, importance_sampling_level="sequence_token", aggregation="seq-mean-token-mean"))
-@register("luspo", epilogue=_CLIP, plan="sequence", needs=_OLD, clipped=True,
-          defaults=dict(_GSPO, importance_sampling_level="sequence", aggregation="luspo"))
-@register("empg", epilogue=_CLIP, plan="two_phase", needs=_OLD, clipped=True, defaults=_PPO, entropy_shaped=True,
-          prep=_entropy_hook(_empg), coef=_empg)
+@_clip("ppo", defaults=dict(_PPO, dual_clip_c=3.0))
+@_clip("grpo", defaults=dict(_PPO, aggregation="grpo"))
+@_clip("dr_grpo", defaults=dict(_PPO, aggregation="dr_grpo"))
+@_clip("dapo", defaults=dict(epsilon_high=0.28, aggregation="dapo"))
+@_clip("bnpo", defaults=dict(_PPO, aggregation="bnpo"))
+@_clip("bnpo_adv", defaults=dict(epsilon_high=0.28, dual_clip_c=10.0, aggregation="seq-mean-token-sum"))
+@_clip("ngrpo", defaults=dict(epsilon_low=0.16, epsilon_high=0.24))
+@_clip("aepo", defaults=_PPO)
+@_clip("psr", defaults=_PPO, prep=_binary_rewards("psr"))
+@_clip("nsr", defaults=_PPO, prep=_binary_rewards("nsr"))
+@_clip("w_reinforce", defaults=_PPO, prep=_binary_rewards("w_reinforce"))
+@_clip("top_entropy", plan="two_phase", defaults=dict(epsilon_high=0.28, aggregation="dapo", top_entropy_quantile=0.2))
+@_clip("gspo", plan="sequence", defaults=dict(_GSPO, importance_sampling_level="sequence", aggregation="grpo"))
+@_clip("gspo_token", plan="sequence",
+       defaults=dict(_GSPO, importance_sampling_level="sequence_token", aggregation="seq-mean-token-mean"))
+@_clip("luspo", plan="sequence", defaults=dict(_GSPO, importance_sampling_level="sequence", aggregation="luspo"))
+@_clip("empg", plan="two_phase", defaults=_PPO, entropy_shaped=True, prep=_entropy_hook(_empg), coef=_empg)
 def clipped(ctx) -> Surrogate:
     """PPO clip ``max(-A r, -A clip(r, 1-eps_l, 1+eps_h))`` with optional dual clip and ``delta``; ``r`` at
     ``importance_sampling_level`` (GSPO: the sequence ratio). One function, many recipes (docs/losses.md#variants:
@@ -114,8 +108,8 @@ def clipped(ctx) -> Surrogate:
     return clipped_surrogate(ctx.ratio(), ctx.A, lo, hi, dual_c=ctx.cfg.dual_clip_c, delta=ctx.cfg.delta)
 
 
-@register("gppo", epilogue=EpilogueSpec("clip", gradient_preserving=True, sequence_ratio=True), 
-          plan="one_pass", needs=_OLD, clipped=True, defaults=dict(epsilon_high=0.28, dual_clip_c=10.0))
+@_clip("gppo", epilogue=EpilogueSpec("clip", gradient_preserving=True, sequence_ratio=True),
+       defaults=dict(epsilon_high=0.28, dual_clip_c=10.0))
 def gppo(ctx) -> Surrogate:
     """GPPO (docs/losses.md#gppo): the clip keeps the gradient ``-A * bound`` outside the range instead of zeroing
     it."""
@@ -124,10 +118,9 @@ def gppo(ctx) -> Surrogate:
                              gradient_preserving=True)
 
 
-@register("dcpo", epilogue=EpilogueSpec("clip", bounds="token"), 
-          plan="one_pass", needs=_OLD, clipped=True, prep=_dcpo_bounds,
-          defaults=dict(epsilon_high=0.28, dual_clip_c=10.0, aggregation="group-token-mean"))
-@register("bapo", plan="two_phase", needs=_OLD, clipped=True, coef=selection.bapo_bounds, defaults=dict(dual_clip_c=3.0))
+@_clip("dcpo", epilogue=EpilogueSpec("clip", bounds="token"), prep=_dcpo_bounds,
+       defaults=dict(epsilon_high=0.28, dual_clip_c=10.0, aggregation="group-token-mean"))
+@_clip("bapo", epilogue=None, plan="two_phase", coef=selection.bapo_bounds, defaults=dict(dual_clip_c=3.0))
 def clipped_absolute(ctx) -> Surrogate:
     """PPO clip with absolute per-token bounds from ``batch.extra['lo'/'hi']``: DCPO (from the old probability,
     precomputed) and BAPO (searched on the current batch, two-phase)."""
@@ -135,9 +128,9 @@ def clipped_absolute(ctx) -> Surrogate:
     return clipped_surrogate(ctx.ratio(), ctx.A, e["lo"], e["hi"], dual_c=ctx.cfg.dual_clip_c, delta=ctx.cfg.delta)
 
 
-@register("clip_cov", plan="two_phase", needs=_OLD, clipped=True, coef=selection.clip_cov_keep, defaults=_PPO)
-@register("d3s", plan="two_phase", needs=_OLD, clipped=True, defaults=dict(_PPO, aggregation="grpo"),
-          entropy_shaped=True, prep=_entropy_hook(selection.d3s_keep), coef=selection.d3s_keep)
+@_clip("clip_cov", epilogue=None, plan="two_phase", coef=selection.clip_cov_keep, defaults=_PPO)
+@_clip("d3s", epilogue=None, plan="two_phase", defaults=dict(_PPO, aggregation="grpo"), entropy_shaped=True,
+       prep=_entropy_hook(selection.d3s_keep), coef=selection.d3s_keep)
 def clipped_selected(ctx) -> Surrogate:
     """PPO clip times a token selection ``keep`` (Clip-Cov: random high-covariance tokens zeroed but kept in the
     denominator; D³S: top-|A|·H tokens kept). D³S is [unconfirmed] upstream (no code): ratio 0.2 of the local

@@ -156,9 +156,9 @@ class PrefixLayout:
     def mask_placeholder(self, device="cpu") -> torch.Tensor:
         """bool ``[n_rows, 1, seq_len, 0]``, for transformers' ``attention_mask`` beside ``prefix_layout``: a 4-D mask
         is passed through unchanged, so transformers builds no ``S x S`` mask that the shared-prefix attention would
-        ignore; any other attention function given it fails loudly (its key dimension is empty)."""
-        return self._cached(("placeholder",), device,
-                            lambda dev: torch.zeros((self.n_rows, 1, self.seq_len, 0), dtype=torch.bool, device=dev))
+        ignore. Any other attention function that computes with it raises ``MaskPlaceholder``'s error."""
+        return self._cached(("placeholder",), device, lambda dev: torch.zeros(
+            (self.n_rows, 1, self.seq_len, 0), dtype=torch.bool, device=dev).as_subclass(MaskPlaceholder))
 
     def check_position_ids(self, position_ids: torch.Tensor, name: str = "position_ids") -> None:
         """Raise ``ValueError`` unless ``position_ids`` (``[n_rows or 1, seq_len]``) equal ``position_ids()`` on
@@ -237,6 +237,26 @@ class PrefixLayout:
         """int64 ``[n_completions]``: the group index of every completion (for group-relative advantages)."""
         return self._cached(("cgroup",), device, lambda dev: torch.tensor(
             [i for i, c in enumerate(self.completion_lens) for _ in c], dtype=torch.int64, device=dev))
+
+
+# reading metadata, moving and copying (wrappers such as DDP move inputs); nothing that computes
+_PLACEHOLDER_OK = frozenset(("__get__", "dim", "size", "stride", "numel", "is_floating_point", "is_complex", "to",
+                             "clone", "detach", "contiguous", "__repr__", "__format__", "__deepcopy__", "__reduce_ex__"))
+
+
+class MaskPlaceholder(torch.Tensor):
+    """The empty mask of a packed forward. Reading its shape is allowed; any computation with it means an attention
+    function other than fusedpg's got the packed rows, which would attend across completions, so it raises."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _PLACEHOLDER_OK:
+            return super().__torch_function__(func, types, args, kwargs)
+        raise ValueError(
+            "prefix_layout was passed to a model whose attention is not fusedpg's: build the model with "
+            "attn_implementation=fusedpg.prefix.register_transformers(). A model built from the same config object "
+            "as another model with a different attn_implementation was switched by transformers; give each model "
+            "its own config (copy.deepcopy)")
 
 
 class Packed(NamedTuple):
