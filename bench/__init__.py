@@ -6,69 +6,96 @@ What is measured, per (case, shape, dtype, mode, impl), all impls on the same in
   * peak memory of that call above what was resident before it (inputs; for ``bwd`` also the forward's graph):
     CUDA max_memory_allocated, CPU the process's VmHWM after a reset through /proc/self/clear_refs (or, where that
     file is not writable, VmHWM of a fresh subprocess per measurement).
-Modes: fwd+bwd, fwd (autograd recording), bwd (after an untimed forward), fwd-nograd (opt-in); each case has its own
-default modes. Cases and impls live in ``registry.py`` and the ``case_*.py`` modules; ``fusedpg bench --list`` shows
-what runs here and why not, and each case's shapes.
-
-Cases: linear (NxHxV), logits (NxHxV), pg (NxHxV[:loss_type]: dapo, grpo with KL, two-phase clip_cov), attention
-(P+LxG[:HQ/HKVxD], one group: prompt P, G completions of L tokens) and model (MODEL:P+LxG, MODEL tiny-qwen2 or
-qwen2-0.5b: one GRPO loss step). ``--shape`` text goes to every selected case whose form it has.
-
-The default CPU run holds the two judged shapes (linear and pg dapo at 4096x1024x32000 fp32, fwd+bwd; linear also fwd
-and bwd) and small shapes of every case: 7 minutes on a 2-core machine shared with other work, less when idle.
---quick runs only small shapes (2 minutes on the same shared machine).
-
-Output in --out (default bench/out/): rows.jsonl (as measured), results.json and results.csv (long format), table.md
-(the ratio table and the target lines, also printed) and <case>_time.png / <case>_memory.png.
+Cases and impls live in ``registry.py`` and the ``case_*.py`` modules; ``--help`` lists the registered cases with
+their shape forms and default modes (``_description``), ``--list`` what runs here and why not.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import textwrap
 from typing import List, Optional
 
-__all__ = ["main"]
+__all__ = ["main", "default_out"]
 
 
 def _split(values: Optional[List[str]]) -> List[str]:
     return [v.strip() for value in (values or []) for v in value.split(",") if v.strip()]
 
 
-def _default_out() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    # In a checkout (editable install) results go to the gitignored bench/out/; an installed copy writes to cwd.
-    if os.path.exists(os.path.join(here, os.pardir, "pyproject.toml")):
-        return os.path.join(here, "out")
-    return os.path.join(os.getcwd(), "bench-out")
+def default_out(package_dir: Optional[str] = None) -> str:
+    """Where a run writes without --out: ``bench/out/`` (gitignored) when this package is the ``bench/`` folder of a
+    fusedpg source checkout (an editable install), else ``fusedpg-bench-results/`` in the current folder."""
+    here = package_dir or os.path.dirname(os.path.abspath(__file__))
+    try:
+        with open(os.path.join(here, os.pardir, "pyproject.toml")) as f:
+            checkout = 'name = "fusedpg"' in f.read()
+    except OSError:
+        checkout = False
+    return os.path.join(here, "out") if checkout else os.path.join(os.getcwd(), "fusedpg-bench-results")
+
+
+def _description() -> str:
+    """The --help text. It lists the registered cases, so it imports them (and torch): only when help is shown."""
+    from .registry import MODES, cases
+
+    def block(first: str, text: str) -> str:
+        return textwrap.fill(text, 115, initial_indent=first, subsequent_indent=" " * 13)
+
+    listed = "\n".join(block(f"  {c.name:10s} ", f"--shape {c.shape_form}; default modes {','.join(c.modes)}") + "\n"
+                       + block(" " * 13, c.description) for c in cases().values())
+    modes = textwrap.fill("Modes (--mode): " + "; ".join(f"{k}: {v}" for k, v in MODES.items()) + ".", 115)
+    return f"""Times fusedpg's ops and measures their peak memory against eager PyTorch and peer libraries (Liger,
+Cut Cross-Entropy, torch.compile, SDPA, FlexAttention, TRL), every impl on the same inputs. Impls that cannot run
+here are reported with the reason, not dropped; --list shows which run on this machine.
+
+Cases (--case NAME), the form of their --shape and their default --mode:
+{listed}
+
+A --shape replaces the default shapes of every selected case whose form it has; a selected case with no --shape of
+its form is not run.
+{modes}
+
+Default run: on CPU, fp32: linear, logits and pg at 4096x1024x32000 (where ours must stay within 1.2x eager's time
+and 1/3 of its memory) and small shapes of every case, about 7 minutes on 2 cores; --quick: small shapes only,
+about 2 minutes. On CUDA, bf16 at LLM-sized shapes.
+
+Output folder (--out; default here: {default_out()}):
+  rows.jsonl (each row as measured), results.json and results.csv, table.md (the ratio table and target lines,
+  also printed), <case>_time.png, <case>_memory.png and <case>_ratio.png (plots need matplotlib: pip install
+  'fusedpg[bench]'; --no-plots skips them)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def format_help(self) -> str:
+        self.description = _description()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fusedpg bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="fusedpg bench", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes (CPU: well under 5 minutes)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--case", action="append", help="case names, comma-separated or repeated (default: all)")
     p.add_argument("--shape", action="append",
-                   help="repeatable; replaces the preset shapes of every case that understands it: NxHxV "
-                        "(linear, logits, pg; pg also NxHxV:loss_type), P+LxG[:HQ/HKVxD] (attention), "
-                        "[MODEL:]P+LxG (model); cases with no --shape of their form are not run")
+                   help="repeatable; each case's form is listed above")
     p.add_argument("--impl", action="append",
-                   help="impl names (default: all that run on this device); naming an opt-in impl such as "
+                   help="impl names, comma-separated or repeated (default: all that run on this device; --list shows "
+                        "them); naming an opt-in impl such as "
                         "'compile' on CPU turns it on")
     p.add_argument("--mode", action="append",
-                   help="fwd+bwd, fwd, bwd, fwd-nograd (default per case: linear/logits fwd+bwd,fwd,bwd; attention "
-                        "fwd+bwd,fwd; pg and model fwd+bwd)")
+                   help="fwd+bwd, fwd, bwd, fwd-nograd, comma-separated or repeated (default: each case's, above)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--reps", type=int,
                    help="timed calls per measurement (default: CPU 5, or 3 once a measurement's calls took 10 s; "
                         "about 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=1, help="CPU warm-up calls per impl (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--max-minutes", type=float, help="stop starting measurements after this long (rows say so)")
-    p.add_argument("--out", default=None, help="output folder (default: bench/out/)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None, help="output folder (default: see above)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--list", action="store_true", help="list cases, impls (and whether they run here), modes, shapes")
     p.add_argument("--_child", help=argparse.SUPPRESS)  # the memory subprocess of measure.py's fallback
     return p
@@ -145,7 +172,7 @@ def _run(args, device, names, items, modes, impls, default_dtype, measure) -> in
                 impls=impls, reps=args.reps or (5 if device == "cpu" else 10), warmup=args.warmup, seed=args.seed,
                 max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, memory=memory, items=items,
                 rep_seconds=10.0 if cpu_default_reps else None, min_reps=3, defer_compiles=device == "cuda")
-    out = os.path.abspath(args.out or _default_out())
+    out = os.path.abspath(args.out or default_out())
     env = environment(device)
     sink = RowSink(out, env)
     runner = Runner(plan, sink)
@@ -172,7 +199,11 @@ def _run(args, device, names, items, modes, impls, default_dtype, measure) -> in
     print("\n" + table + "\n")
     for line in targets:
         print(line)
-    plots = [] if args.no_plots else plot_rows(sink.rows, out)
+    try:
+        plots = [] if args.no_plots else plot_rows(sink.rows, out)
+    except Exception as err:  # a plotting failure must not cost a finished run its summary
+        print(f"fusedpg bench: no plots ({type(err).__name__}: {err}); rows and table are written", file=sys.stderr)
+        plots = []
     print("\nrows:  " + files["json"] + "\n       " + files["csv"] + "\ntable: " + files["table"])
     print("plots: " + ("\n       ".join(plots) if plots else "none"))
     failed = [r for r in sink.rows if r["role"] == "ours" and r["status"] == "error"]

@@ -226,8 +226,8 @@ _REQUIRES = ("trl", "datasets", "transformers")
 
 CASE = register_case(Case(
     name="trl",
-    description="one GRPO loss step (_compute_loss fwd+bwd) of a random Qwen2 through TRL's GRPOTrainer vs "
-                "FusedPGGRPOTrainer (fused loss from hidden states; + Prefix Grouper)",
+    description="one GRPO loss step (the trainer's loss, forward and backward) of a random Qwen2 through TRL's "
+                "GRPOTrainer vs fusedpg's FusedPGGRPOTrainer (fused loss from hidden states; + Prefix Grouper)",
     make_inputs=make_inputs,
     flops=flops,
     parse_shape=parse_shape,

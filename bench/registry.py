@@ -64,7 +64,7 @@ class Shape:
         return Shape(*(int(g) for g in m.groups()))
 
 
-#: The CPU target of the foundation issue: ours <= 1.2x eager time and <= 1/3 of eager's peak memory above inputs.
+#: The CPU goal: ours <= 1.2x eager time and <= 1/3 of eager's peak memory above inputs.
 JUDGED_CPU = Shape(4096, 1024, 32000)
 #: The GPU shapes S1, S2, S3 (docs/peers.md#reference-shapes) and a memory-stress shape that materialised logits
 #: cannot hold.
@@ -178,7 +178,7 @@ def register_case(case: Case) -> Case:
 
 
 def cases() -> Dict[str, Case]:
-    """All registered cases, importing the case modules on first use (imports stay out of ``fusedpg bench --help``)."""
+    """All registered cases, importing the case modules on first use (a run, ``--list`` or ``--help``)."""
     for module in CASE_MODULES:
         importlib.import_module(f"{__package__}.{module}")
     # CASE_MODULES order, not registration order: tests may import a case module on its own first.

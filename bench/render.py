@@ -4,7 +4,8 @@ Reads result files (results.json or rows.jsonl written by ``fusedpg bench``; def
 bench/results/) and prints, for each (device, commit) found, a heading that states the device (``GPU: <name>`` or
 ``CPU: <name>``, CPU results flagged as such: they show the code works, not GPU performance) and the commit, the
 ratio table, the target lines and the ratio lines (pg, attention, model: ours against the baseline next to the
-analytic bound). ``--mode``/``--case`` keep the README table short; ``--heading`` sets the section's title level.
+analytic bound). ``--mode``/``--case`` keep the README table short; ``--heading`` sets the section's title level;
+``--plots DIR`` also draws the plots of ``fusedpg bench`` (``plots.py``) from the same rows into DIR.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--case", action="append", help="keep only these cases (repeatable)")
     p.add_argument("--heading", default="###", help="markdown heading of each section (default ###)")
     p.add_argument("--out", help="write here instead of stdout")
+    p.add_argument("--plots", metavar="DIR", help="also write the PNG plots of these rows to DIR")
     args = p.parse_args(argv)
     files = args.files or sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json")))
     if not files:
@@ -70,6 +72,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write(text)
     else:
         print(text)
+    if args.plots:
+        from .plots import plot_rows
+
+        paths = plot_rows(rows, args.plots)
+        print("plots: " + ("\n       ".join(paths) if paths else "none"), file=sys.stderr)
+        return 0 if paths else 1
     return 0
 
 

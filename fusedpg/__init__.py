@@ -10,6 +10,8 @@ from .objective import PGLossConfig, pg_loss
 __all__ += ["pg_loss", "PGLossConfig", "objective", "advantages"]
 from .linear_pg import FusedLinearPGLoss, fused_linear_pg_loss, fused_plan
 __all__ += ["fused_linear_pg_loss", "FusedLinearPGLoss", "fused_plan"]
+from .head import FusedLMHead, call_through, install_lm_head, uninstall_lm_head
+__all__ += ["FusedLMHead", "install_lm_head", "uninstall_lm_head", "call_through"]
 
 # Shared-prefix (Prefix Grouper) attention; fusedpg.prefix imports neither triton nor transformers at import time.
 from . import prefix  # noqa: E402

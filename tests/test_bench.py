@@ -370,3 +370,122 @@ def test_device_script_dry_run(tmp_path):
     assert "verify rc=0" in summary and "bench rc=0" in summary
     rows = json.load(open(out / "bench" / "results.json"))
     assert any(r["status"] == "ok" and r["impl"] == "ours" for r in rows)
+
+
+def _synthetic_rows():
+    """Two cases, two shapes, two modes, a spare-styled peer; one shape carries the CPU linear targets."""
+    rows = []
+    for case, shapes, impls in (("linear", ("1024x256x8192", "4096x1024x32000"), ("ours", "eager", "compile")),
+                                ("pg", ("1024x256x8192:dapo", "1024x256x8192:grpo"), ("ours", "eager", "newpeer"))):
+        for i, shape in enumerate(shapes):
+            n = 1024 * (4 ** i)
+            for mode in ("fwd+bwd", "fwd"):
+                for k, impl in enumerate(impls):
+                    row = _row(impl, 10.0 * (k + 1) * n / 1024, (k + 1) * n * MIB, mode=mode, shape=shape)
+                    rows.append(dict(row, case=case, n=n, h=256, v=8192, role="baseline" if impl == "eager"
+                                     else row["role"], git_commit="abc123def4567", utc_time="2026-12-01T00:00:00Z"))
+    rows.append(dict(rows[0], impl="cce", status="skipped", median_ms=None, peak_mem_bytes=None))  # not plotted
+    return rows
+
+
+def _legend_colours(fig):
+    out = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            line = handle.lines[0] if hasattr(handle, "lines") else handle  # errorbar containers hold their line
+            out[label] = line.get_color()
+    return out
+
+
+def test_plots_lines_ratio_and_fixed_colours(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from fusedpg.bench import plots
+    from fusedpg.bench.registry import all_impl_names
+    from fusedpg.bench.render import main as render_main
+
+    figures = {}  # first line of the title ("linear: ours ÷ other impl ...") -> figure
+    real_close = plt.close
+
+    def keep(fig):
+        figures[fig._suptitle.get_text().split("\n")[0]] = fig
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    paths = plots.plot_rows(_synthetic_rows(), str(tmp_path / "p"))
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == sorted(f"{c}_{m}.png" for c in ("linear", "pg") for m in ("time", "memory", "ratio"))
+    assert all(os.path.getsize(p) > 10_000 for p in paths)
+    # one colour per impl, the same in every figure and case; a ratio line has the colour of the impl divided by
+    colours: dict = {}
+    for fig in figures.values():
+        for label, colour in _legend_colours(fig).items():
+            impl = label.split(" ÷ ")[-1]
+            if impl in ("parity (1.0)", "stated target"):
+                continue
+            colours.setdefault(impl, set()).add(colour)
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert colours["eager"] == {plots.IMPL_COLORS["eager"]} and colours["ours"] == {plots.IMPL_COLORS["ours"]}
+    assert colours["newpeer"] == {plots.impl_style("newpeer")[0]}  # not in the table: a stable spare colour
+    # the ratio figure of linear draws parity and the CPU time target (1.2 at 4096x1024x32000) as horizontal lines
+    ratio_fig = next(f for k, f in figures.items() if k.startswith("linear:") and "÷" in k)
+    flat = {round(line.get_ydata()[0], 3) for ax in ratio_fig.axes for line in ax.get_lines()
+            if len(set(line.get_ydata())) == 1}
+    assert {1.0, 1.2, 0.333} <= flat
+    # every impl of the registry has its own colour and marker
+    known = all_impl_names()
+    assert set(known) <= set(plots.IMPL_COLORS) and set(known) <= set(plots.IMPL_MARKERS)
+    assert len({plots.IMPL_COLORS[i] for i in known}) == len(known)
+    assert len({plots.IMPL_MARKERS[i] for i in known}) == len(known)
+    # the same plots from a results file
+    path = tmp_path / "r.json"
+    report.write_json(str(path), _synthetic_rows())
+    assert render_main([str(path), "--plots", str(tmp_path / "q")]) == 0
+    assert len(os.listdir(tmp_path / "q")) == 6
+
+
+def test_plots_of_calls_without_memory_above_inputs(tmp_path):
+    """Tiny calls can peak at 0 bytes above their inputs: nothing to draw on a log axis, and no crash."""
+    pytest.importorskip("matplotlib")
+    from fusedpg.bench.plots import plot_rows
+
+    rows = [dict(r, peak_mem_bytes=0) for r in _synthetic_rows() if r["case"] == "linear"]
+    rows[0] = dict(rows[0], peak_mem_bytes=None)
+    assert len(plot_rows(rows, str(tmp_path))) == 3
+
+
+def test_default_out_checkout_and_installed(tmp_path, monkeypatch):
+    from fusedpg.bench import default_out
+
+    checkout = tmp_path / "src"
+    (checkout / "bench").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text('[project]\nname = "fusedpg"\n')
+    assert default_out(str(checkout / "bench")) == str(checkout / "bench" / "out")
+    installed = tmp_path / "site-packages" / "fusedpg" / "bench"
+    installed.mkdir(parents=True)
+    (tmp_path / "site-packages" / "pyproject.toml").write_text('[project]\nname = "other"\n')  # not ours
+    monkeypatch.chdir(tmp_path)
+    assert default_out(str(installed)) == str(tmp_path / "fusedpg-bench-results")
+    assert default_out(str(tmp_path / "site-packages" / "fusedpg" / "missing")) == str(
+        tmp_path / "fusedpg-bench-results")
+    import fusedpg.bench
+
+    if os.path.dirname(os.path.abspath(fusedpg.bench.__file__)) == os.path.join(REPO, "bench"):  # editable
+        assert default_out() == os.path.join(REPO, "bench", "out")
+
+
+def test_help_lists_every_case_its_shape_form_and_the_output_folder(capsys):
+    from fusedpg.bench import default_out
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())  # help lines are wrapped
+    for case in cases().values():
+        assert f"{case.name} --shape {' '.join(case.shape_form.split())}" in flat, case.name
+        assert " ".join(case.description.split()) in flat
+    assert "trl" in text and default_out() in text
+    for jargon in ("judged", "foundation", "preset"):
+        assert jargon not in text.lower(), jargon

@@ -13,7 +13,7 @@ from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-import fusedpg.integrations.trl as fusedpg_trl  # noqa: E402
+import fusedpg.head as fusedpg_head  # noqa: E402
 from fusedpg.integrations.trl import FusedPGGRPOTrainer  # noqa: E402
 
 B, P, C, V = 4, 3, 5, 64
@@ -115,7 +115,7 @@ def _set(trainer, attrs, args):
 
 
 CALLS = {"fused": 0}
-_fused = fusedpg_trl.fused_linear_pg_loss
+_fused = fusedpg_head.fused_linear_pg_loss  # the trainer's loss runs through its FusedLMHead
 
 
 def _counting(*args, **kwargs):
@@ -123,7 +123,7 @@ def _counting(*args, **kwargs):
     return _fused(*args, **kwargs)
 
 
-fusedpg_trl.fused_linear_pg_loss = _counting
+fusedpg_head.fused_linear_pg_loss = _counting
 
 
 def _run(trainer, inputs, train=True):
@@ -353,13 +353,13 @@ def test_prefix_grouper_matches_trl(tmp_path):
 def nograd_calls(monkeypatch):
     """Counts fusedpg.linear_logprob_entropy calls the trainer makes with autograd off (the old/ref passes)."""
     calls = {"nograd": 0}
-    orig = fusedpg_trl.linear_logprob_entropy
+    orig = fusedpg_head.linear_logprob_entropy
 
     def counting(*args, **kwargs):
         calls["nograd"] += not torch.is_grad_enabled()
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(fusedpg_trl, "linear_logprob_entropy", counting)
+    monkeypatch.setattr(fusedpg_head, "linear_logprob_entropy", counting)
     return calls
 
 

@@ -252,3 +252,16 @@ def test_packed_rows_on_a_model_without_the_fusedpg_attention_raise_clearly():
             first.model(**kwargs)
     else:  # a transformers release that copies the config: the first model keeps its attention
         assert torch.equal(first.model(**kwargs).last_hidden_state, ok)
+
+
+def test_bf16_autocast_runs_like_sdpa():
+    """Under autocast (TRL's bf16=True on CPU), q, k and v reach the attention in different dtypes; like sdpa, the
+    fusedpg attention computes in the autocast dtype instead of rejecting them."""
+    prompts, comps, _ = _data()
+    ours, sdpa = _model("llama", NAME), _model("llama", "sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grouped_rows(ours, pack(prompts, comps))
+        want = _repeated_rows(sdpa, prompts, comps)
+    assert got.dtype == want.dtype
+    # two bf16 roundings of the largest hidden value apart: the order of the sums differs, the math does not
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 * 2 ** -8 * float(want.abs().max()))

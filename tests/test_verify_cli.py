@@ -26,6 +26,11 @@ def test_verify_torch_prints_table_and_passes(capsys):
     assert runner.main(["--impl", "torch", "--device", "cpu", "--dtype", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "max abs err" in out and "ours/eager" in out
+    # the legend under the table says what the ratio is and what passes
+    assert "ours/eager = max |ours - float64| / max |eager - float64|" in out
+    assert "|ours - float64| <= 2 * |eager - float64| + slack * max(1, max |float64|)" in out
+    assert "slack float32 1e-05, bfloat16 0.016, float16 0.002" in out
+    assert out.index("ours/eager = ") > out.index(_table_rows(out)[-1])
     rows = _table_rows(out)
     assert rows and all(r.endswith("PASS") for r in rows)
     assert f"{len(rows)} passed, 0 failed" in out
@@ -85,12 +90,45 @@ def test_verify_fails_on_wrong_gradient(monkeypatch, capsys):
     assert failing and all(r.startswith("logprob_entropy") and "d_logits" in r for r in failing)
 
 
-def test_cli_usage_and_unknown_command(capsys):
-    assert cli.main([]) == 2
-    assert cli.main(["--help"]) == 0
-    assert "usage: fusedpg" in capsys.readouterr().out
-    assert cli.main(["frobnicate"]) == 2
-    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+def test_verify_help_explains_the_ratio_and_the_pass_rule(capsys):
+    assert cli.main(["verify", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert runner.LEGEND in text and "A row passes when" in text and "``" not in text
+
+
+def _one_line_error(capsys, *needles):
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err and len(err.splitlines()) == 1, captured.err
+    assert err.startswith("fusedpg verify: ") and captured.out == ""  # nothing ran, not even the header
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_verify_cuda_without_cuda_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        assert cli.main(["verify", "--device", device]) == 2
+        _one_line_error(capsys, f"--device {device}", "CUDA", "torch.cuda.is_available() False", torch.__version__)
+
+
+def test_verify_triton_without_gpu_or_interpreter_is_one_line(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FUSEDPG_IMPL", raising=False)
+    assert cli.main(["verify", "--impl", "triton", "--device", "cpu", "--only", "primitives"]) == 2
+    _one_line_error(capsys, "--impl triton", "TRITON_INTERPRET=1", "--device cuda", "got --device cpu")
+    monkeypatch.setenv("FUSEDPG_IMPL", "triton")  # the same choice through the environment
+    assert runner.main(["--device", "cpu"]) == 2
+    _one_line_error(capsys, "FUSEDPG_IMPL='triton'", "TRITON_INTERPRET=1", "got tensors on cpu")
+    monkeypatch.setenv("FUSEDPG_IMPL", "bogus")
+    assert runner.main(["--device", "cpu"]) == 2
+    _one_line_error(capsys, "FUSEDPG_IMPL", "'bogus'")
+
+
+def test_verify_unknown_device_is_one_line(capsys):
+    for device in ("tpu", "foo", "cuda:x"):
+        assert cli.main(["verify", "--device", device]) == 2
+        _one_line_error(capsys, "--device", "cpu, cuda or cuda:N", repr(device))
 
 
 def _run_cli(argv):
@@ -108,3 +146,6 @@ def test_console_script_in_a_fresh_process():
     assert "passed, 0 failed" in proc.stdout
     proc = _run_cli(argv + ["verify", "--dtype", "fp64"])  # not a choice: argparse exits 2
     assert proc.returncode == 2 and "fp64" in proc.stderr
+    proc = _run_cli(argv + ["verify", "--device", "tpu"])  # the installed script: one line, no traceback
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fusedpg verify: --device must be cpu, cuda or cuda:N, got 'tpu'"

@@ -121,6 +121,11 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         vllm_is_ratio=None,
         num_items_in_batch=None,
     ):
+        if lin_weight.numel() == 0 or hasattr(lin_weight, "full_tensor"):
+            got = "a DTensor shard (FSDP2)" if lin_weight.numel() else "an empty ZeRO-3 partition"
+            raise ValueError(f"lin_weight must be the full LM-head weight, got {got}: call the loss inside the wrapped "
+                             "model's forward (fusedpg.call_through), where the wrapper gathers it, or use "
+                             "fusedpg.FusedLMHead (README: More than one GPU)")
         B, T = attention_mask.shape
         work = _input.dtype if _input.dtype == torch.float64 else torch.float32
         mask = attention_mask.to(work)

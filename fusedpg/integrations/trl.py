@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 from transformers.utils import ModelOutput
 
-from ..linear import linear_logprob_entropy
-from ..linear_pg import fused_linear_pg_loss
+from ..head import UNSUPPORTED_HEAD_CONFIG, call_through, install_lm_head
 
 try:  # optional dependency: the module imports without TRL, the trainer class needs it
     from trl import GRPOTrainer as _GRPOTrainer
@@ -24,8 +23,8 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     _GRPOTrainer = None
 
 from .trl_support import (
-    GLOBAL_NORM, MULTIMODAL_KEYS, SUPPORTED_TRL, head_logprobs, importance_weights, k3_kl, masked_seq_mean,
-    metric_terms, rollout_is_weights, trl_loss_options,
+    GLOBAL_NORM, MULTIMODAL_KEYS, SUPPORTED_TRL, importance_weights, k3_kl, masked_seq_mean, metric_terms,
+    rollout_is_weights, trl_loss_options,
 )
 
 __all__ = ["FusedPGGRPOTrainer", "trl_loss_options", "add_hidden_state_forward", "SUPPORTED_TRL"]
@@ -89,6 +88,8 @@ if _GRPOTrainer is not None:
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             add_hidden_state_forward(base)
             self._fusedpg_base = base
+            if self._fusedpg_unsupported({}, base) is None:
+                install_lm_head(base)  # now, before Trainer.train wraps the model: the wrappers must hook this head
 
         # -- helpers ---------------------------------------------------------------------------------------------
         def _fusedpg_unsupported(self, inputs, base=None) -> Optional[str]:
@@ -96,30 +97,26 @@ if _GRPOTrainer is not None:
             if any(inputs.get(k) is not None for k in MULTIMODAL_KEYS):
                 return "multimodal inputs"
             cfg = base.config.get_text_config()
-            for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                         "logits_scaling"):
+            for name in UNSUPPORTED_HEAD_CONFIG:
                 if getattr(cfg, name, None) not in (None, 1.0):
                     return f"a model with {name}={getattr(cfg, name)!r}"
             head = base.get_output_embeddings()
-            if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or hasattr(head,
-                                                                                                   "lora_A"):
+            if not isinstance(head, torch.nn.Linear) or hasattr(head, "lora_A") or hasattr(head, "base_layer"):
                 return "an lm_head that is not a plain linear layer (e.g. LoRA-wrapped)"
-            if hasattr(head.weight, "ds_id"):
-                return "a DeepSpeed ZeRO-3 partitioned lm_head"
             return None
 
-        def _fusedpg_head(self, base=None):
-            head = (self._fusedpg_base if base is None else base).get_output_embeddings()
-            weight, bias = head.weight, head.bias
-            try:
-                from torch.distributed.tensor import DTensor
+        def _fusedpg_run(self, model, base, ids, am, k: int, grouped: bool, head_fn):
+            """(model output, ``head_fn(head, hidden)``) with the backbone's last hidden states ``[B, k, H]``, both run
+            as one forward of ``model``'s outermost wrapper (``fusedpg.call_through``): DDP arms its all-reduce,
+            ZeRO-3 gathers the head's weight inside the head's forward, FSDP2 unshards it, and each reduces the
+            head's gradient through its own hooks."""
+            head = base.get_output_embeddings()
 
-                if isinstance(weight, DTensor):
-                    weight = weight.full_tensor()
-                    bias = None if bias is None else bias.full_tensor()
-            except ImportError:  # pragma: no cover
-                pass
-            return weight, bias
+            def step():
+                out, hidden = self._fusedpg_forward(base.forward, ids, am, k, grouped)
+                return out, head_fn(head, hidden)
+
+            return call_through(model, step)
 
         def _fusedpg_pack(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
             """Group consecutive rows that share a prompt and pack them (None if a completion mask is not a
@@ -170,6 +167,15 @@ if _GRPOTrainer is not None:
             add_hidden_state_forward(base)
             return base
 
+        def _fusedpg_installed(self, base) -> bool:
+            """Install the fused head on ``base`` (the reference model on first use); False where a wrapper already
+            hooks its head (a reference model DeepSpeed or FSDP2 prepared in ``__init__``): TRL's pass runs there."""
+            try:
+                install_lm_head(base)
+            except ValueError:
+                return False
+            return True
+
         # -- TRL's no-grad log-prob passes (old policy, reference policy) ---------------------------------------
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
@@ -178,11 +184,12 @@ if _GRPOTrainer is not None:
             the backbone's hidden states and :func:`fusedpg.linear_logprob_entropy` (no ``N x V`` logits), with the
             packed grouped forward when ``prefix_grouper`` is on. Same return as TRL's; calls with autograd on (TRL's
             own ``_compute_loss``, used on the fallback path), with the MoE aux loss, or that the fused path does not
-            cover (multimodal, soft-capped/scaled logits, a LoRA-wrapped or ZeRO-3 partitioned head) go to TRL's."""
+            cover (multimodal, soft-capped/scaled logits, a LoRA-wrapped head, a reference model wrapped before the
+            fused head could be installed) go to TRL's."""
             base = None
             if not torch.is_grad_enabled() and not compute_aux_loss:
                 base = self._fusedpg_nograd_base(model)
-            if base is None or self._fusedpg_unsupported(kwargs, base) is not None:
+            if base is None or self._fusedpg_unsupported(kwargs, base) is not None or not self._fusedpg_installed(base):
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                     compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
@@ -191,20 +198,18 @@ if _GRPOTrainer is not None:
                 from ..prefix.hf import DEFAULT_NAME
 
                 grouped = str(getattr(base.config, "_attn_implementation", None)).startswith(DEFAULT_NAME)
-            weight, bias = self._fusedpg_head(base)
             k = int(logits_to_keep)
             batch_size = batch_size or input_ids.size(0)
             all_logps, all_entropies = [], []
             for start in range(0, input_ids.size(0), batch_size):
                 ids, am = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
-                _, hidden = self._fusedpg_forward(model, ids, am, k, grouped)
-                hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-                valid = am[:, -k:].to(weight.device) != 0
-                targets = ids[:, -k:].to(weight.device).masked_fill(~valid, -100)
-                logps, ent = linear_logprob_entropy(hidden, weight, targets, bias=bias,
-                                                    temperature=float(self.temperature),
-                                                    compute_entropy=compute_entropy, check_targets=False,
-                                                    impl=self.fusedpg_impl)
+                valid = am[:, -k:] != 0
+                targets = ids[:, -k:].masked_fill(~valid, -100)
+                _, (logps, ent) = self._fusedpg_run(
+                    model, base, ids, am, k, grouped,
+                    lambda head, hidden: head(hidden, targets, temperature=float(self.temperature),
+                                              compute_entropy=compute_entropy, check_targets=False,
+                                              impl=self.fusedpg_impl))
                 all_logps.append(logps)
                 if compute_entropy:
                     all_entropies.append(torch.where(valid, ent, torch.zeros_like(ent)))
@@ -228,19 +233,11 @@ if _GRPOTrainer is not None:
             attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
             mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
             maskf = mask.float()
-            out, hidden = self._fusedpg_forward(model, input_ids, attention_mask, completion_ids.size(1),
-                                                self.prefix_grouper)
-            weight, bias = self._fusedpg_head()
-            hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-            targets = completion_ids.to(weight.device)
+            targets = completion_ids
             temperature = float(self.temperature)
-
             advantages = inputs["advantages"]
             adv2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
             old = inputs.get("old_per_token_logps")
-            if old is None:  # on-policy: old = current log-probs (one no-grad pass of the head only)
-                old = head_logprobs(hidden, weight, targets.masked_fill(mask == 0, -100), bias,
-                                    temperature=temperature, impl=self.fusedpg_impl, check_targets=False)
             ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
             is_ratio = inputs.get("importance_sampling_ratio")
             is_used = self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction)
@@ -261,10 +258,20 @@ if _GRPOTrainer is not None:
             opts = trl_loss_options(self, train=mode == "train",
                                     num_items_in_batch=None if nib is None else float(nib),
                                     num_tokens=num_tokens, entropy_coef=float(apply_coef))
-            loss, met = fused_linear_pg_loss(
-                hidden, weight, targets, advantages, maskf, old_logp=old, ref_logp=ref, bias=bias,
-                temperature=temperature, return_token_stats=True, impl=self.fusedpg_impl,
-                chunk_bytes=self.fusedpg_chunk_bytes, rollout_logp=rollout, is_weights=is_weights, **opts)
+
+            def head_loss(head, hidden):
+                old_logp = old
+                if old_logp is None:  # on-policy: old = current log-probs (one no-grad pass of the head only)
+                    with torch.no_grad():
+                        old_logp = head(hidden.detach(), targets.masked_fill(mask == 0, -100), compute_entropy=False,
+                                        temperature=temperature, impl=self.fusedpg_impl, check_targets=False)[0]
+                return old_logp, head(hidden, targets, advantages=advantages, mask=maskf, old_logp=old_logp,
+                                      ref_logp=ref, temperature=temperature, return_token_stats=True,
+                                      impl=self.fusedpg_impl, chunk_bytes=self.fusedpg_chunk_bytes,
+                                      rollout_logp=rollout, is_weights=is_weights, **opts)
+
+            out, (old, (loss, met)) = self._fusedpg_run(model, self._fusedpg_base, input_ids, attention_mask,
+                                                        completion_ids.size(1), self.prefix_grouper, head_loss)
             ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             if self.aux_loss_enabled and out.aux_loss is not None:
                 loss = loss + self.router_aux_loss_coef * out.aux_loss / ga

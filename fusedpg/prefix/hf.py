@@ -75,6 +75,9 @@ def make_attention_function(fallback: str = "sdpa"):
                                                          scaling=scaling, **kwargs)
         if not isinstance(layout, PrefixLayout):
             raise TypeError(f"prefix_layout must be a fusedpg.prefix.PrefixLayout, got {type(layout).__name__}")
+        if torch.is_autocast_enabled(query.device.type):  # as sdpa does: q (RoPE-upcast) and k, v may differ
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         check_inputs(query, key, value, layout)
         _check_call(module, query, layout, dropout, kwargs)
         out = shared_prefix_attention(query, key, value, layout, scale=scaling)  # [B, Hq, S, D]

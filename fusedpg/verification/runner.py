@@ -1,17 +1,20 @@
-"""``fusedpg verify``: re-check every op and gradient against the float64 reference on this machine.
+"""``fusedpg verify``: re-check every op and gradient against a float64 reference on this machine.
 
-One table row per op, output and dtype: the worst comparison over the cases of ``cases_logprob``, ``cases_pg``
-and ``cases_prefix``."""
+Prints one row per op, output and dtype: the worst over small, awkward cases (vocabulary tails, ignored rows,
+per-token temperature, peaked softmax, logits near 1e4). Exits 1 when a row fails, 2 when an argument cannot work
+here."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
+from ..backend import resolve_impl, triton_interpreting
 from .cases_logprob import LinearCase, check_linear, check_logits
-from .tolerance import Comparison
+from .tolerance import SLACK, Comparison
 
 # Small but awkward: vocabulary tails, ignored rows, per-token temperature, peaked softmax, shifted logits.
 _CASES = (
@@ -66,6 +69,12 @@ def _worst_by(results, key) -> dict:
 
 
 GROUPS = {"primitives": _primitive_rows, "pg": _pg_rows, "attention": _attention_rows}
+_SLACKS = ", ".join(f"{str(d)[6:]} {SLACK[d]:g}" for d in (torch.float32, torch.bfloat16, torch.float16))
+LEGEND = (  # printed under the table and in --help
+    "ours/eager = max |ours - float64| / max |eager - float64|, eager being plain PyTorch at the row's dtype\n"
+    "(for scale; inf: eager exact, ours not). A row passes when every element has\n"
+    "|ours - float64| <= 2 * |eager - float64| + slack * max(1, max |float64|),\n"
+    f"slack {_SLACKS}: a ratio above 2 can pass where eager is almost exact.")
 
 
 def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
@@ -79,6 +88,7 @@ def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
             rows.append(r)
             print(f"{op:26s} {label:34s} {str(r.dtype).replace('torch.', ''):9s} "
                   f"{r.max_abs_err:12.3e} {r.ratio:10.2f}  {'PASS' if r.ok else 'FAIL'}", file=out, flush=True)
+    print("-" * len(header) + "\n" + LEGEND, file=out)
     failed = [r for r in rows if not r.ok]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed", file=out)
     for r in failed:
@@ -86,14 +96,42 @@ def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
     return not failed
 
 
+def _bad_arguments(device: str, impl: Optional[str]) -> Optional[str]:
+    """One line saying which argument cannot work here (expected / given), or None."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        return f"--device must be cpu, cuda or cuda:N, got {device!r}"
+    if device != "cpu" and not torch.cuda.is_available():
+        return (f"--device {device} needs a CUDA GPU and a CUDA build of torch, got torch {torch.__version__} "
+                "with torch.cuda.is_available() False (use --device cpu)")
+    if (torch.device(device).index or 0) >= max(1, torch.cuda.device_count()):
+        return f"--device {device}: expected a GPU index below {torch.cuda.device_count()}, the GPUs visible"
+    if impl == "triton" and device == "cpu" and not triton_interpreting():
+        return ("--impl triton needs --device cuda or TRITON_INTERPRET=1 (Triton's CPU interpreter), got --device cpu "
+                "without TRITON_INTERPRET (use --impl torch for the CPU plan)")
+    try:
+        resolve_impl(impl, torch.device(device))
+    except ValueError as err:  # FUSEDPG_IMPL unknown, or triton where it cannot run
+        return str(err)
+    return None
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fusedpg verify", description=__doc__)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--impl", default=None, choices=["triton", "torch"], help="force a backend")
-    parser.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"], help="repeatable")
-    parser.add_argument("--only", action="append", choices=list(GROUPS), help="op groups to check (repeatable)")
+    parser = argparse.ArgumentParser(prog="fusedpg verify", description=f"{__doc__.replace('``', '')}\n\n{LEGEND}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--impl", default=None, choices=["triton", "torch"],
+                        help="triton (CUDA, or CPU with TRITON_INTERPRET=1) or torch (default: triton on CUDA)")
+    parser.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"],
+                        help="input dtype, repeatable (default: all three)")
+    parser.add_argument("--only", action="append", choices=list(GROUPS),
+                        help="repeatable: primitives (log-prob and entropy ops), pg (policy-gradient losses), "
+                             "attention (shared-prefix attention); default: all")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bad = _bad_arguments(device, args.impl)
+    if bad:
+        print(f"fusedpg verify: {bad}", file=sys.stderr)
+        return 2
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtypes = [names[d] for d in (args.dtype or ["fp32", "bf16", "fp16"])]
     print(f"fusedpg verify on {device} (impl={args.impl or 'auto'}), torch {torch.__version__}")
