@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 #: Modules that register cases when imported (later work appends, e.g. "case_pg_loss", "case_prefix").
-CASE_MODULES = ("case_linear", "case_logits", "case_pg", "case_attention", "case_model", "case_trl")
+CASE_MODULES = ("case_linear", "case_logits", "case_pg", "case_attention", "case_model", "case_trl", "case_tp")
 
 #: Mode name -> what one timed call does. ``fwd`` runs with autograd recording (outputs saved for a backward, then
 #: dropped); ``bwd`` is the backward alone, after an untimed forward; ``fwd+bwd`` is both; ``fwd-nograd``
@@ -156,6 +156,8 @@ class Case:
     modes: Tuple[str, ...] = DEFAULT_MODES
     #: Shape-form hint for --help / errors.
     shape_form: str = "NxHxV"
+    #: Called after each measured group (shape and mode) of the case: releases what ``prepare`` set up for it.
+    teardown: Optional[Callable[[], None]] = None
 
     def preset(self, device: str, quick: bool) -> tuple:
         return tuple((self.presets or SHAPE_PRESETS).get((device, quick), ()))

@@ -178,7 +178,11 @@ class Runner:
                 self.emit(_row(case, shape, self.plan, mode, impl, "skipped", "time budget (--max-minutes) spent"))
                 self._tick(None)
             return
-        self._group(case, shape, mode, runnable)
+        try:
+            self._group(case, shape, mode, runnable)
+        finally:
+            if case.teardown is not None:  # e.g. the tp case's helper rank and process group
+                case.teardown()
 
     def _tick(self, label: Optional[str], result: str = "") -> None:
         if self.progress is not None:

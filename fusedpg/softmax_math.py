@@ -23,9 +23,10 @@ def softmax_stats(
     Equivalent to ``lse = z.logsumexp(-1); logp = z.gather(targets) - lse; H = lse - (softmax(z) * z).sum(-1)``,
     with ``lse = m + log_s`` kept as its two parts: at logits of 1e4 a rounded lse would cost 1e-3 of accuracy in
     ``z - lse``, while ``(z - m) - log_s`` is exact to the last bit. A row whose every logit is -inf gets
-    ``logp = log_s = -inf`` and ``H = 0``.
+    ``logp = log_s = -inf`` and ``H = 0``. A negative target (its column lies in another vocabulary shard, see
+    ``fusedpg/vocab_parallel``) gives a meaningless logp and the rest as usual.
     """
-    zy = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    zy = z.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
     m = z.amax(1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z.sub_(m.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)
@@ -55,7 +56,8 @@ def softmax_grad_(
 
     ``g_v = (c (1[v = y] - p_v) - d p_v (log p_v + H)) / T`` with ``log p = (z - m) - log_s``; ``d=None`` skips
     the entropy term; ``m=None`` when z already holds ``z - m``. c, d, m, log_s, entropy are ``[R]``;
-    temperature a ``Temperature`` of the chunk's rows.
+    temperature a ``Temperature`` of the chunk's rows. A negative target has no ``1[v = y]`` term (its column lies in
+    another vocabulary shard).
     """
     # An all -inf row (log_s = -inf) has no gradient: shift it by +inf so every p is 0, and drop its c.
     dead = torch.isneginf(log_s)
@@ -72,7 +74,8 @@ def softmax_grad_(
     else:
         # -(c + d (log p + H)) = (-d) log p - (c + d H): two passes over the chunk, then one product with p
         g = p.mul_(z.mul_(-d.unsqueeze(1)).sub_((c + d * entropy).unsqueeze(1)))
-    return g.scatter_add_(1, targets.unsqueeze(1), c.unsqueeze(1))
+    here = targets >= 0
+    return g.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), torch.where(here, c, torch.zeros_like(c)).unsqueeze(1))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,6 +3,7 @@
 * ``fusedpg.integrations.liger``   drop-in ``LigerFusedLinearGRPOLoss`` (same constructor, forward, return value).
 * ``fusedpg.integrations.verl``    verl policy-loss functions for the variants verl lacks, and ``linear_cross_entropy``.
 * ``fusedpg.integrations.trl``     TRL ``GRPOTrainer`` loss path on hidden states (``trl`` extra).
+* ``fusedpg.integrations.megatron`` log-probs and the loss of Megatron's vocabulary-parallel output layer.
 * ``fusedpg.integrations.trl_support`` TRL's GRPO loss facts and option mapping, shared by ``trl`` and ``liger``
   (imports neither TRL nor transformers).
 
@@ -10,7 +11,7 @@ See README.md in this folder.
 """
 import importlib
 
-__all__ = ["liger", "verl", "trl", "trl_support"]
+__all__ = ["liger", "verl", "trl", "trl_support", "megatron"]
 
 
 def __getattr__(name):

@@ -166,17 +166,16 @@ def register(core_algos=None, tuple_output: Optional[bool] = None) -> Dict[str, 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          temperature: Optional[float] = 1.0, reduction: Optional[str] = "none",
                          dist_process_group=None, *, impl_backend: Optional[str] = None):
-    """verl's ``linear_cross_entropy`` contract on fusedpg's primitive: ``(logprobs, entropy)`` fp32."""
-    if dist_process_group is not None:
-        raise NotImplementedError("fusedpg's linear_cross_entropy does not support a vocabulary-parallel "
-                                  "dist_process_group; gather the lm_head weight first")
+    """verl's ``linear_cross_entropy`` contract on fusedpg's primitive: ``(logprobs, entropy)`` fp32. With
+    ``dist_process_group``, ``weight`` is this rank's vocabulary shard and ``labels`` are global ids (uneven shards
+    are fine); d_hidden is summed over the group."""
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     impl = None if impl_backend in (None, "auto") else impl_backend.lower()
     lead = hidden.shape[:-1]
     labels = labels.reshape(lead) if labels.numel() == hidden[..., 0].numel() else labels
     logp, ent = linear_logprob_entropy(hidden, weight, labels, temperature=1.0 if temperature is None else temperature,
-                                       impl=impl)
+                                       impl=impl, vocab_parallel_group=dist_process_group)
     if reduction == "sum":
         return logp.sum(), ent.sum()
     if reduction == "mean":

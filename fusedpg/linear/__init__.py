@@ -27,6 +27,10 @@ def linear_logprob_entropy(
     impl: Optional[str] = None,
     chunk_bytes: Optional[int] = None,
     check_finite: Optional[bool] = None,
+    vocab_parallel_group=None,
+    vocab_size: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
+    deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
 
@@ -42,6 +46,10 @@ def linear_logprob_entropy(
         chunk_bytes: budget of one chunk's ``[rows, V]`` buffer (default: 64 MiB on the torch plan, 1 GiB on Triton).
         check_finite: raise on NaN/inf in hidden (rows not ignored), weight or bias, naming the tensor
             and index; default off unless ``FUSEDPG_CHECK_FINITE=1`` (one host sync per tensor when on).
+        vocab_parallel_group: a process group over which the vocabulary is sharded: ``weight`` (and ``bias``) are
+            this rank's contiguous rows of the head, ``targets`` global ids. A ``Shard(0)`` DTensor weight selects
+            its mesh group by itself. ``vocab_size``, ``reduce_hidden_grad``, ``deterministic``: see
+            :func:`fusedpg.vocab_parallel.vocab_parallel_logprob_entropy` and fusedpg/vocab_parallel/README.md.
 
     Returns:
         ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
@@ -52,6 +60,14 @@ def linear_logprob_entropy(
         logp = z.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
+    if vocab_parallel_group is not None or type(weight).__name__ == "DTensor":
+        from ..vocab_parallel import vocab_parallel_logprob_entropy  # lazy: the TP layer sits on top of this op
+
+        return vocab_parallel_logprob_entropy(
+            hidden, weight, targets, group=vocab_parallel_group, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, compute_entropy=compute_entropy, check_targets=check_targets, impl=impl,
+            chunk_bytes=chunk_bytes, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
+            deterministic=deterministic)
     checks.linear_inputs(hidden, weight, targets, bias)
     lead = hidden.shape[:-1]
     temp = checks.temperature(temperature, lead, hidden.device)

@@ -48,10 +48,19 @@ def linear_logprob_entropy_op(
     return tuple(rows.scatter(x.to(out)) for x in stats)
 
 
-@linear_logprob_entropy_op.register_fake
-def _(hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, check_targets, impl,
-      chunk_bytes):
+def stats_like(hidden: torch.Tensor, *_):
+    """Fake (logp, entropy, m, log_s): ``[N]`` at the working precision (for this op and the ops built on it)."""
     return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype)) for _ in range(4))
+
+
+def grads_like(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool) -> List[torch.Tensor]:
+    """Fake (d_hidden, d_weight, d_bias): each like its input, or empty where it is not needed."""
+    need_bias = need_bias and bias is not None
+    return [torch.empty_like(x) if need else hidden.new_empty(0)
+            for x, need in ((hidden, need_hidden), (weight, need_weight), (bias, need_bias))]
+
+
+linear_logprob_entropy_op.register_fake(stats_like)
 
 
 @torch.library.custom_op("fusedpg::linear_logprob_entropy_backward", mutates_args=())
@@ -88,9 +97,7 @@ def linear_logprob_entropy_backward_op(
 @linear_logprob_entropy_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
       ignore_index, compute_entropy, impl, chunk_bytes, need_hidden, need_weight, need_bias):
-    need_bias = need_bias and bias is not None
-    return [torch.empty_like(x) if need else hidden.new_empty(0)
-            for x, need in ((hidden, need_hidden), (weight, need_weight), (bias, need_bias))]
+    return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):

@@ -51,6 +51,10 @@ def fused_linear_pg_loss(
     token_weights: Optional[torch.Tensor] = None,
     truncated: Optional[torch.Tensor] = None,
     check_finite: Optional[bool] = None,
+    vocab_parallel_group=None,
+    vocab_size: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
+    deterministic: bool = False,
     **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss straight from the last hidden states and the LM-head weight.
@@ -72,6 +76,11 @@ def fused_linear_pg_loss(
         rollout_logp, is_weights, old_entropy, group_ids, step_ids, token_weights, truncated: as in
             :func:`fusedpg.objective.prepare`, for the variants that use them.
         check_finite: as in :func:`fusedpg.pg_loss`, plus hidden (unmasked tokens), weight and bias.
+        vocab_parallel_group, vocab_size, reduce_hidden_grad, deterministic: a vocabulary-sharded head, as in
+            :func:`fusedpg.linear_logprob_entropy`. The merged log-probs and entropy are the same on every rank, so
+            is the loss; every plan runs as a recompute (statistics, loss, then the head's backward). Normalisers
+            (``num_items_in_batch``, ``world_size``) count the data-parallel ranks only: tensor-parallel ranks hold
+            the same tokens (fusedpg/vocab_parallel/README.md).
 
     Returns:
         ``(loss, metrics)``: the scalar loss (differentiable w.r.t. hidden, weight, bias) and the metric dict of
@@ -82,7 +91,9 @@ def fused_linear_pg_loss(
         logp, entropy = fusedpg.linear_logprob_entropy(hidden, weight, targets, bias=bias, temperature=T)
         loss, metrics = fusedpg.pg_loss(logp, advantages, mask, entropy=entropy, old_logp=old_logp, ...)
     """
-    checks.linear_inputs(hidden, weight, targets, bias)
+    parallel = vocab_parallel_group is not None or type(weight).__name__ == "DTensor"
+    if not parallel:
+        checks.linear_inputs(hidden, weight, targets, bias)
     checks.tensor("mask", mask)
     lead = hidden.shape[:-1]
     if tuple(mask.shape) != tuple(lead):
@@ -95,9 +106,19 @@ def fused_linear_pg_loss(
     run_plan = plan_for(key, plan)
     temp = checks.temperature(temperature, lead, hidden.device)
     impl = resolve_impl(impl, hidden.device)
+    flat_temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if parallel:
+        return _composed(lambda y: linear_logprob_entropy(
+            h2, weight, y, bias=bias, temperature=flat_temp, impl=impl, chunk_bytes=chunk_bytes,
+            vocab_parallel_group=vocab_parallel_group, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
+            deterministic=deterministic), targets, advantages, mask, inputs, config_of(key),
+            torch.float64 if hidden.dtype == torch.float64 else torch.float32, lead, return_token_stats)
     if impl == "reference":
-        return _reference(hidden, weight, bias, targets, advantages, mask, inputs, config_of(key), temperature,
-                          return_token_stats)
+        return _composed(lambda y: linear_logprob_entropy(h2, weight, y, bias=bias, temperature=flat_temp,
+                                                          check_targets=False, impl="reference"),
+                         targets, advantages, mask, inputs, config_of(key),
+                         torch.float64 if hidden.dtype == torch.float64 else None, lead, return_token_stats)
     grad_on = torch.is_grad_enabled()
     out = fused_linear_pg_loss_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), advantages, mask, inputs.as_list(),
@@ -111,21 +132,18 @@ def fused_linear_pg_loss(
     return out[0], metrics
 
 
-def _reference(hidden, weight, bias, targets, advantages, mask, inputs, cfg, temperature, want_stats):
-    """The float64 materialised head, then the loss layer on its differentiable ``[N]`` outputs."""
-    work = torch.float64 if hidden.dtype == torch.float64 else None
+def _composed(head, targets, advantages, mask, inputs, cfg, work, lead, want_stats):
+    """The loss layer on a differentiable head ``head(targets [N]) -> (logp, entropy)`` ``[N]``: the float64
+    materialised reference, or the vocabulary-parallel head. Tokens outside the loss are scored as ignored."""
     batch = prepare(advantages, mask, inputs, dtype=work, config=cfg)
     masked = torch.where(batch.active, targets.reshape(-1), torch.full_like(targets.reshape(-1), -100))
-    flat_temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
-    logp, ent = linear_logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, masked, bias=bias,
-                                       temperature=flat_temp, check_targets=False, impl="reference")
+    logp, ent = head(masked)
     logp, ent = logp.to(batch.dtype), ent.to(batch.dtype)
     if plan_of(cfg) == "two_phase":
         batch = batch.updated(batch_coefficients(batch, logp.detach(), ent.detach(), cfg))
     contrib, sums = token_loss(batch, logp, ent, cfg)
     metrics = finalize_metrics({k: v.detach() for k, v in sums.items()})
     if want_stats:
-        lead = hidden.shape[:-1]
         metrics["logp"], metrics["entropy"] = logp.detach().reshape(lead), ent.detach().reshape(lead)
     return contrib.sum(), metrics
 

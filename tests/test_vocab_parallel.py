@@ -1,0 +1,223 @@
+"""Vocabulary-parallel heads on real gloo ranks (2 and 3: uneven shards), against one process under the tolerance
+model: log-probs, entropy, the loss, d_hidden and every rank's d_weight, through the torch plan and the Triton
+interpreter. Each world size is one spawned group; the ranks save their results and the checks run here."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedpg
+from fusedpg.linear.reference import linear_logprob_entropy_reference
+from fusedpg.linear_pg.reference import fused_linear_pg_loss_reference
+from fusedpg.verification.tolerance import assert_close_to_truth
+
+B, T, H, V, V_REAL = 3, 4, 8, 19, 17
+LOSSES = {"grpo": dict(loss_type="grpo", beta=0.05, entropy_coef=0.01), "gspo": dict(loss_type="gspo"),
+          "clip_cov": dict(loss_type="clip_cov", seed=0, clip_cov_ratio=0.2)}
+
+
+def _data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
+    bias = 0.1 * torch.randn(V, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V_REAL, (B, T), generator=g)
+    targets[0, 0] = -100
+    temp = 0.5 + torch.rand(B, T, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) > 0.2).float()
+    mask[:, 0] = 1
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    old = -2.5 + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    up = (torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64))
+    cast = (lambda x: x.to(dtype))
+    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(bias), targets=targets, temp=temp.float(),
+                mask=mask, adv=adv.float(), old=old.float(), ref=(old + 0.05).float(), up=up)
+
+
+def _shard(x, world, rank):
+    return torch.tensor_split(x, world)[rank]
+
+
+def _logprob_step(d, weight, bias, **kw):
+    h = d["hidden"].clone().requires_grad_()
+    w, b = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    logp, ent = fusedpg.linear_logprob_entropy(h, w, d["targets"], bias=b, temperature=d["temp"], **kw)
+    ((logp.double() * d["up"][0]).sum() + (ent.double() * d["up"][1]).sum()).backward()
+    return dict(logp=logp.detach(), entropy=ent.detach(), d_hidden=h.grad, d_weight=w.grad, d_bias=b.grad)
+
+
+def _loss_step(d, weight, name, **kw):
+    h, w = d["hidden"].clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss, metrics = fusedpg.fused_linear_pg_loss(h, w, d["targets"].clamp(min=0), d["adv"], d["mask"],
+                                                 old_logp=d["old"], ref_logp=d["ref"], **LOSSES[name], **kw)
+    loss.backward()
+    return dict(loss=loss.detach(), d_hidden=h.grad, d_weight=w.grad, kl=metrics.get("kl"))
+
+
+def _colwise_vs_loss_parallel(d, mesh):
+    """A real ``ColwiseParallel(use_local_output=False)`` head (uneven: 17 rows on 2 ranks) through fusedpg, and
+    torch's own ``loss_parallel()`` cross-entropy on the module's sharded logits as a second reference."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+
+    out = {}
+    for who in ("fusedpg", "loss_parallel"):
+        head = torch.nn.Linear(H, V_REAL, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(d["weight"][:V_REAL])
+        parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+        h = d["hidden"].reshape(B * T, H).clone().requires_grad_()
+        y = d["targets"].reshape(-1)
+        if who == "fusedpg":
+            logp, _ = fusedpg.linear_logprob_entropy(h, head.weight, y, impl="torch")
+        else:
+            with loss_parallel():
+                logp = -torch.nn.functional.cross_entropy(head(h), y, reduction="none")
+            logp = logp.full_tensor() if hasattr(logp, "full_tensor") else logp  # a replicated DTensor
+        with loss_parallel():
+            (logp * d["up"][0].reshape(-1).float()).sum().backward()
+        out[who] = dict(logp=logp.detach(), d_hidden=h.grad, d_weight=head.weight.grad.full_tensor())
+    return out
+
+
+def _worker(rank, world, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    d = _data(torch.float32)
+    w, b = _shard(d["weight"], world, rank), _shard(d["bias"], world, rank)
+    out = {}
+    for impl in ("torch", "triton"):
+        out[f"logprob.{impl}"] = _logprob_step(d, w, b, impl=impl, vocab_parallel_group=group, vocab_size=V_REAL)
+    out["logprob.deterministic"] = _logprob_step(d, w, b, impl="torch", vocab_parallel_group=group,
+                                                 vocab_size=V_REAL, deterministic=True)
+    out["logprob.local_dh"] = _logprob_step(d, w, b, impl="torch", vocab_parallel_group=group, vocab_size=V_REAL,
+                                            reduce_hidden_grad=False)
+    for name in LOSSES:
+        out[f"loss.{name}"] = _loss_step(d, w, name, impl="torch", vocab_parallel_group=group, vocab_size=V_REAL)
+    out["loss.grpo.triton"] = _loss_step(d, w, "grpo", impl="triton", vocab_parallel_group=group,
+                                         vocab_size=V_REAL)
+    from fusedpg.integrations.verl import linear_cross_entropy
+
+    h = d["hidden"].reshape(B * T, H).clone().requires_grad_()
+    logp, ent = linear_cross_entropy(h, w, d["targets"].reshape(-1).clamp(min=0), 1.0, "none", dist_process_group=group)
+    (logp - 0.1 * ent).sum().backward()
+    out["verl"] = dict(logp=logp.detach(), entropy=ent.detach(), d_hidden=h.grad)
+    if world == 2:  # ColwiseParallel's weight: a Shard(0) DTensor picks its mesh group by itself
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        dw = distribute_tensor(d["weight"], mesh, [Shard(0)]).requires_grad_()
+        h = d["hidden"].clone().requires_grad_()
+        logp, ent = fusedpg.linear_logprob_entropy(h, dw, d["targets"], temperature=d["temp"], vocab_size=V_REAL)
+        ((logp.double() * d["up"][0]).sum() + (ent.double() * d["up"][1]).sum()).backward()
+        out["dtensor"] = dict(logp=logp.detach(), entropy=ent.detach(), d_hidden=h.grad,
+                              d_weight=dw.grad.to_local(), placements=str(dw.grad.placements))
+        out["colwise"] = _colwise_vs_loss_parallel(d, mesh)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks (uneven)"])
+def ranks(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"tp{request.param}")
+    mp.spawn(_worker, args=(request.param, str(out)), nprocs=request.param, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
+
+
+def _logprob_reference(d, dtype, bias=True):
+    h = d["hidden"].clone().requires_grad_()
+    w = d["weight"][:V_REAL].clone().requires_grad_()
+    b = d["bias"][:V_REAL].clone().requires_grad_() if bias else None
+    logp, ent = linear_logprob_entropy_reference(h, w, d["targets"], b, d["temp"].to(h.dtype),
+                                                 dtype=None if dtype != torch.float64 else torch.float64)
+    ((logp.double() * d["up"][0]).sum() + (ent.double() * d["up"][1]).sum()).backward()
+    out = dict(logp=logp.detach(), entropy=ent.detach(), d_hidden=h.grad, d_weight=w.grad)
+    return dict(out, d_bias=b.grad) if bias else out
+
+
+def _references(dtype):
+    """One process on the whole (unpadded) head: eager at ``dtype`` (float64 is the truth)."""
+    d = _data(dtype if dtype == torch.float64 else torch.float32)
+    out = {"logprob": _logprob_reference(d, dtype), "dtensor": _logprob_reference(d, dtype, bias=False)}
+    for name in LOSSES:
+        h, w = d["hidden"].clone().requires_grad_(), d["weight"][:V_REAL].clone().requires_grad_()
+        loss, _ = fused_linear_pg_loss_reference(
+            h, w, d["targets"].clamp(min=0), d["adv"], d["mask"], old_logp=d["old"], ref_logp=d["ref"],
+            dtype=None if dtype != torch.float64 else torch.float64, **LOSSES[name])
+        loss.backward()
+        out[f"loss.{name}"] = dict(loss=loss.detach(), d_hidden=h.grad, d_weight=w.grad)
+    return out
+
+
+@pytest.fixture(scope="module")
+def refs():
+    return _references(torch.float32), _references(torch.float64)
+
+
+def _check(ranks, key, ref_key, refs, names):
+    eager, truth = refs[0][ref_key], refs[1][ref_key]
+    for name in names:
+        for r, res in enumerate(ranks):
+            got = res[key][name]
+            if name in ("d_weight", "d_bias"):  # each rank holds its shard's rows; padded rows get no gradient
+                got = torch.cat([x[key][name] for x in ranks])
+                assert not got[V_REAL:].any(), f"{key}: padded columns got a gradient"
+                got = got[:V_REAL]
+            assert_close_to_truth(f"{key}.{name}[rank {r}]", got, eager[name], truth[name], torch.float32)
+
+
+@pytest.mark.parametrize("key", ["logprob.torch", "logprob.triton", "logprob.deterministic"])
+def test_logprob_entropy_and_gradients_equal_one_process(ranks, refs, key):
+    _check(ranks, key, "logprob", refs, ("logp", "entropy", "d_hidden", "d_weight", "d_bias"))
+
+
+@pytest.mark.parametrize("key", ["loss.grpo", "loss.gspo", "loss.clip_cov", "loss.grpo.triton"])
+def test_fused_loss_equals_one_process_on_every_rank(ranks, refs, key):
+    """The normalisers are the data-parallel ones: every TP rank holds the same tokens and the same loss, which is
+    the one-process loss (not divided by the TP size)."""
+    _check(ranks, key, key.replace(".triton", ""), refs, ("loss", "d_hidden", "d_weight"))
+
+
+def test_verl_linear_cross_entropy_with_dist_process_group(ranks):
+    d = _data(torch.float32)
+    h = d["hidden"].reshape(B * T, H).clone().requires_grad_()
+    logp, ent = fusedpg.linear_logprob_entropy(h, d["weight"], d["targets"].reshape(-1).clamp(min=0), impl="torch")
+    (logp - 0.1 * ent).sum().backward()
+    for r in ranks:  # the padded shards of the 19-row head hold real rows here: no vocab_size, the whole head
+        for name, want in (("logp", logp), ("entropy", ent), ("d_hidden", h.grad)):
+            torch.testing.assert_close(r["verl"][name], want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_deterministic_merge_is_bitwise_equal_on_every_rank(ranks):
+    for name in ("logp", "entropy", "d_hidden"):
+        for res in ranks[1:]:
+            assert torch.equal(res["logprob.deterministic"][name], ranks[0]["logprob.deterministic"][name]), name
+
+
+def test_hidden_gradient_left_local_sums_to_the_reduced_one(ranks):
+    total = sum(r["logprob.local_dh"]["d_hidden"].double() for r in ranks)
+    torch.testing.assert_close(total.float(), ranks[0]["logprob.torch"]["d_hidden"], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ranks[0]["logprob.local_dh"]["d_hidden"], ranks[0]["logprob.torch"]["d_hidden"])
+
+
+def test_colwise_parallel_head_matches_torch_loss_parallel(ranks):
+    if len(ranks) != 2:
+        pytest.skip("run on the 2-rank mesh")
+    for r in ranks:
+        ours, theirs = r["colwise"]["fusedpg"], r["colwise"]["loss_parallel"]
+        for name in ("logp", "d_hidden", "d_weight"):
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shard0_dtensor_weight(ranks, refs):
+    if len(ranks) != 2:
+        pytest.skip("run on the 2-rank mesh")
+    assert all(r["dtensor"]["placements"] == "(Shard(dim=0),)" for r in ranks)  # the gradient stays sharded
+    _check(ranks, "dtensor", "dtensor", refs, ("logp", "entropy", "d_hidden", "d_weight"))
