@@ -121,3 +121,26 @@ def test_check_finite_exempts_masked_tokens_and_their_sequences():
     assert torch.isfinite(fusedpg.logprob_entropy(logits, targets, check_finite=True, impl="torch")[0]).all()
     with pytest.raises(ValueError, match=r"logits must be finite.*index \(0, 0, 4\)"):
         fusedpg.logprob_entropy(_poison(logits, (0, 0, 4), float("inf")), targets, check_finite=True)
+
+
+def test_module_reprs_show_their_config():
+    from fusedpg.objective.config import PGLossConfig
+
+    assert repr(PGLossConfig(loss_type="grpo", beta=0.04)) == "PGLossConfig(loss_type='grpo', beta=0.04)"
+    assert "PGLossConfig(loss_type='cispo')" in repr(fusedpg.FusedLinearPGLoss(loss_type="cispo"))
+    text = repr(LigerFusedLinearGRPOLoss(loss_type="sapo", beta=0.0))
+    assert "loss_type='sapo'" in text and "beta=0.0" in text and "temperature=1.0" in text
+
+
+def test_check_finite_on_shared_prefix_attention():
+    from fusedpg.prefix import pack
+
+    layout = pack([[1, 2, 3], [7]], [[[4, 5], [6]], [[8]]], pad_token_id=0).layout  # row 1 is padded
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.n_rows, 2, layout.seq_len, 4, generator=g) for _ in range(3))
+    pad = int((layout.labels("cpu")[0][1] < 0).nonzero()[0, 0])
+    k[1, 1, pad, 2] = float("nan")  # padding is exempt
+    fusedpg.shared_prefix_attention(q, k, v, layout, check_finite=True, impl="torch")
+    v[0, 1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"v must be finite.*index \(0, 1, 2, 3\)"):
+        fusedpg.shared_prefix_attention(q, k, v, layout, check_finite=True, impl="torch")

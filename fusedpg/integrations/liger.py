@@ -96,6 +96,11 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         self.allreduce_normalizer = allreduce_normalizer
         liger_options(**self._option_kwargs())  # validate now, as Liger does (partly) at construction
 
+    def extra_repr(self) -> str:
+        shown = {**self._option_kwargs(), "use_ref_model": self.use_ref_model, "temperature": self.temperature,
+                 "impl": self.impl}
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items())
+
     def _option_kwargs(self, **extra) -> dict:
         return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                     loss_type=self.loss_type, max_completion_length=self.max_completion_length,

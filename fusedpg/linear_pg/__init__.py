@@ -163,5 +163,8 @@ class FusedLinearPGLoss(torch.nn.Module):
     def plan(self) -> str:
         return fused_plan(self.config)
 
+    def extra_repr(self) -> str:
+        return repr(self.config)
+
     def forward(self, hidden, weight, targets, advantages, mask, **kwargs):
         return fused_linear_pg_loss(hidden, weight, targets, advantages, mask, config=self.config, **kwargs)

@@ -174,6 +174,12 @@ class PGLossConfig:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
 
+    def __repr__(self) -> str:
+        """Only the fields that differ from the defaults: what was chosen, in one line."""
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if f.name == "loss_type" or getattr(self, f.name) != f.default]
+        return f"PGLossConfig({', '.join(changed)})"
+
     @property
     def variant(self):
         """The registered ``Variant`` of ``loss_type`` (its function, plan, needs, epilogue spec)."""

@@ -54,6 +54,7 @@ def shared_prefix_attention(
     *,
     scale: Optional[float] = None,
     impl: Optional[str] = None,
+    check_finite: Optional[bool] = None,
 ) -> torch.Tensor:
     """Causal attention over packed GRPO groups where every completion attends to its group's single prompt copy.
 
@@ -70,6 +71,8 @@ def shared_prefix_attention(
         layout: from ``fusedpg.prefix.pack`` (or ``PrefixLayout``).
         scale: factor on ``q @ k.T``; default ``D ** -0.5``.
         impl: ``"triton"``, ``"torch"`` or ``"reference"``; default from ``FUSEDPG_IMPL``, else by device.
+        check_finite: raise on NaN/inf in q, k or v on a token of the layout (padding is exempt), naming the tensor
+            and index; default off unless ``FUSEDPG_CHECK_FINITE=1``.
 
     Returns:
         ``[B, Hq, S, D]`` at q's dtype (a view of a ``[B, S, Hq, D]`` buffer), zero on padding rows,
@@ -84,6 +87,10 @@ def shared_prefix_attention(
         out = torch.softmax(s, -1).nan_to_num(0.0) @ v
     """
     check_inputs(q, k, v, layout)
+    if checks.finite_enabled(check_finite):
+        tokens = (layout.labels(q.device)[0] >= 0)[:, None]  # [B, 1, S]: every head of a real token
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            checks.finite(name, x, tokens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
