@@ -52,6 +52,19 @@ def _ours(inp: Inputs, shape: Shape):
     return lambda: (fusedpg.linear_logprob_entropy(h, w, y), grads)
 
 
+def _ours_det(inp: Inputs, shape: Shape):
+    h, w, y = inp["hidden"], inp["weight"], inp["targets"]
+    grads = (inp["g_logp"], inp["g_entropy"])
+    return lambda: (fusedpg.linear_logprob_entropy(h, w, y, deterministic=True), grads)
+
+
+def small_on_cpu(shape, device):
+    """The deterministic mode's cost is measured where a CPU run stays short (every shape on CUDA)."""
+    if device == "cpu" and shape.n * shape.v > 1024 * 8192:
+        return "CPU runs it at the small shape only (its cost ratio is the point, not the large-shape time)"
+    return None
+
+
 def _eager_fn(h, w, y):
     return linear_logprob_entropy_reference(h, w, y, dtype=None)
 
@@ -128,6 +141,7 @@ CASE = register_case(Case(
     flops=flops,
     impls=(
         Impl("ours", _ours, role="ours"),
+        Impl("ours-det", _ours_det, note="deterministic=True: batch-invariant rows", applies=small_on_cpu),
         Impl("eager", _eager, role="baseline", note="materialised logits, upcast, log_softmax, gather, entropy"),
         Impl("floor", _floor, role="floor", devices=("cuda",), opt_in=("cpu",),
              note="3 GEMMs of the same shapes (logits, d_hidden, d_weight); no softmax"),

@@ -6,12 +6,14 @@ The memory figures include the ``[N, V]`` logits gradient that every impl must p
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import fusedpg
 from fusedpg.logits.reference import logprob_entropy_reference
 
-from .case_linear import LOGIT_STD, compiled
+from .case_linear import LOGIT_STD, compiled, small_on_cpu
 from .registry import Case, Impl, Inputs, Shape, register_case
 
 
@@ -45,6 +47,8 @@ CASE = register_case(Case(
     make_inputs=make_inputs,
     impls=(
         Impl("ours", _make(lambda: fusedpg.logprob_entropy), role="ours"),
+        Impl("ours-det", _make(lambda: functools.partial(fusedpg.logprob_entropy, deterministic=True)),
+             note="deterministic=True: batch-invariant rows", applies=small_on_cpu),
         Impl("eager", _make(lambda: _eager_fn), role="baseline", note="upcast, log_softmax, gather, entropy"),
         Impl("compile", _make(lambda: compiled(_eager_fn)), devices=("cuda",), opt_in=("cpu",), compiles=True,
              note="torch.compile(eager)"),

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 DEFAULT_CHUNK_BYTES = 64 << 20
 #: Default budget of the Triton plan's backward gradient chunk (input dtype, [rows, V]).
 DEFAULT_DEVICE_CHUNK_BYTES = 1 << 30
+#: Deterministic mode: rows per matmul / reduction call (the BLAS and the reductions always see this many rows,
+#: padded, so a row's result cannot depend on N), and the fixed vocabulary segment of the Triton forward's splits.
+DETERMINISTIC_ROWS = {"cpu": 16, "cuda": 128}
+DETERMINISTIC_SEGMENT = {"cpu": 128, "cuda": 8192}
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -29,6 +33,8 @@ class LogProbOptions:
     chunk_bytes:     torch plan only: rows per chunk are chosen so that one fp32 ``[rows, V]`` buffer fits.
     inplace:         logits path only: write the logits gradient into the logits buffer.
     device_chunk_bytes: Triton plan only: the backward's reused ``[rows, V]`` gradient buffer fits this.
+    deterministic:   batch-invariant, run-to-run reproducible results (fusedpg/linear/README.md#deterministic-mode):
+                     fixed-size padded row blocks for every matmul and reduction, fixed vocabulary segments.
     """
 
     ignore_index: int = -100
@@ -37,6 +43,7 @@ class LogProbOptions:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     inplace: bool = False
     device_chunk_bytes: int = DEFAULT_DEVICE_CHUNK_BYTES
+    deterministic: bool = False
 
     @staticmethod
     def budgeted(chunk_bytes: int, **fields) -> "LogProbOptions":
@@ -49,3 +56,8 @@ class LogProbOptions:
     @staticmethod
     def default_check_targets() -> bool:
         return _env_flag("FUSEDPG_CHECK_TARGETS", True)
+
+    @staticmethod
+    def default_deterministic(flag=None) -> bool:
+        """``deterministic=``: the keyword if given, else ``FUSEDPG_DETERMINISTIC`` (default off)."""
+        return bool(flag) if flag is not None else _env_flag("FUSEDPG_DETERMINISTIC", False)

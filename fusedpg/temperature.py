@@ -35,6 +35,12 @@ class Temperature:
     def slice(self, lo: int, hi: int) -> "Temperature":
         return self if self.rows is None else Temperature(self.value, self.rows[lo:hi])
 
+    def padded(self, n: int) -> "Temperature":
+        """Per-row values extended with 1.0 to ``n`` rows (padding rows of the deterministic mode)."""
+        if self.rows is None or self.rows.shape[0] >= n:
+            return self
+        return Temperature(self.value, torch.cat([self.rows, self.rows.new_ones(n - self.rows.shape[0])]))
+
     def divide_(self, z: torch.Tensor) -> torch.Tensor:
         """``z / T`` in place on a ``[rows, V]`` chunk (a correctly rounded division, skipped at T = 1)."""
         if self.rows is not None:

@@ -28,11 +28,12 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, temp, 
         b = tl.load(w_ptr + cols64[None, :] * stride_wv + ks[:, None] * stride_wk,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST_DOT:
-            # Triton's CPU interpreter (3.6-3.8) computes bf16 tl.dot wrongly; fp32 operands give the same
-            # products a GPU forms from bf16, so tests of the interpreter stay meaningful.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            # Triton's CPU interpreter (3.6-3.8) runs tl.dot on numpy's BLAS, which computes bf16 wrongly and
+            # rounds a row differently by its position in the tile. fp32 products summed over K in order are what
+            # a GPU's MMA gives every row alike, so interpreter tests stay meaningful, batch invariance included.
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols64, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # Correctly rounded division, as the reference's u / T: multiplying by a rounded 1/T adds a second rounding,

@@ -215,7 +215,7 @@ def test_main_end_to_end_rows_table_and_plots(tmp_path, capsys):
     assert {(r["case"], r["impl"]) for r in ok} == {
         ("linear", "ours"), ("linear", "eager"), ("logits", "ours"), ("logits", "eager"), ("pg", "ours"),
         ("pg", "eager"), ("attention", "ours"), ("attention", "sdpa"), ("model", "ours"), ("model", "eager"),
-        ("model", "fused-loss"), ("tp", "ours"), ("tp", "gather")}
+        ("model", "fused-loss"), ("tp", "ours"), ("tp", "gather"), ("linear", "ours-det"), ("logits", "ours-det")}
     assert not torch.distributed.is_initialized()  # the tp case's helper rank and group are gone after its group
     assert {r["mode"] for r in ok if r["case"] == "linear"} == set(DEFAULT_MODES)
     assert {r["mode"] for r in ok if r["case"] in ("pg", "model")} == {"fwd+bwd"}
@@ -321,7 +321,8 @@ def test_errors_become_rows_and_other_impls_go_on(tmp_path, monkeypatch):
 @linux_proc
 def test_subprocess_memory_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEDPG_BENCH_MEMORY", "subprocess")
-    rc, rows, _ = _run_main(tmp_path, "--case", "logits", "--mode", "fwd+bwd", "--no-plots", "--reps", "1")
+    rc, rows, _ = _run_main(tmp_path, "--case", "logits", "--mode", "fwd+bwd", "--no-plots", "--reps", "1",
+                            "--impl", "ours", "--impl", "eager")
     ok = [r for r in rows if r["status"] == "ok"]
     assert rc == 0 and len(ok) == 2
     assert all(r["mem_method"] == "VmHWM in a fresh process" and r["peak_mem_bytes"] is not None for r in ok)

@@ -110,8 +110,9 @@ def test_checks_still_run_inside_the_op():
 def test_opcheck_linear_op():
     x, w, b, y, *_ = _data(5)
     args = (x.reshape(-1, H).requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), y.reshape(-1),
-            None, 0.9, -100, True, True, "torch", 0)
+            None, 0.9, -100, True, True, "torch", 0, False)
     torch.library.opcheck(torch.ops.fusedpg.linear_logprob_entropy.default, args)
+    torch.library.opcheck(torch.ops.fusedpg.linear_logprob_entropy.default, args[:-1] + (True,))  # deterministic
 
 
 def test_fresh_process_registers_ops_lazily():

@@ -46,19 +46,20 @@ def test_verify_primitives_table():
     assert runner.run("cpu", "torch", [torch.float32, torch.bfloat16, torch.float16], out=buf,
                       groups=("primitives",))
     rows = _table_rows(buf.getvalue())
-    assert len(rows) == 3 * (5 + 3 + 3)
+    assert len(rows) == 3 * (5 + 3 + 3 + 5 + 3)  # the deterministic mode of both ops too
     for dtype in ("float32", "bfloat16", "float16"):
         for out in ("logp", "entropy", "d_hidden", "d_weight", "d_bias"):
             assert any(r.startswith("linear_logprob_entropy") and f" {out} " in r and dtype in r for r in rows)
-        for op in ("logprob_entropy ", "logprob_entropy[inplace]"):
+        for op in ("logprob_entropy ", "logprob_entropy[inplace]", "logprob_entropy[det]"):
             assert any(r.startswith(op) and " d_logits " in r and dtype in r for r in rows)
+        assert any(r.startswith("linear_logprob_entropy[det]") and " d_hidden " in r and dtype in r for r in rows)
 
 
 def test_verify_triton_one_dtype(capsys):
     impl, device = BACKENDS[1]
     assert cli.main(["verify", "--impl", impl, "--device", device, "--dtype", "bf16", "--only", "primitives"]) == 0
     rows = _table_rows(capsys.readouterr().out)
-    assert len(rows) == 11 and all("bfloat16" in r and r.endswith("PASS") for r in rows)
+    assert len(rows) == 11 + 8 and all("bfloat16" in r and r.endswith("PASS") for r in rows)
 
 
 def test_verify_fails_on_wrong_numbers(monkeypatch, capsys):
@@ -73,7 +74,8 @@ def test_verify_fails_on_wrong_numbers(monkeypatch, capsys):
     out = capsys.readouterr().out
     failing = [r for r in _table_rows(out) if r.endswith("FAIL")]
     assert failing and all(r.startswith("linear_logprob_entropy") and " logp " in r for r in failing)
-    assert "1 failed" in out and "linear.logp [float32]" in out  # the failure's full report is printed
+    # the default and the deterministic rows of linear_logprob_entropy; each failure's full report is printed
+    assert "2 failed" in out and "linear.logp [float32]" in out
     assert cli.main(["verify", "--impl", "torch", "--dtype", "fp32", "--only", "primitives"]) == 1
 
 

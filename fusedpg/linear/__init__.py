@@ -30,7 +30,7 @@ def linear_logprob_entropy(
     vocab_parallel_group=None,
     vocab_size: Optional[int] = None,
     reduce_hidden_grad: bool = True,
-    deterministic: bool = False,
+    deterministic: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
 
@@ -48,8 +48,12 @@ def linear_logprob_entropy(
             and index; default off unless ``FUSEDPG_CHECK_FINITE=1`` (one host sync per tensor when on).
         vocab_parallel_group: a process group over which the vocabulary is sharded: ``weight`` (and ``bias``) are
             this rank's contiguous rows of the head, ``targets`` global ids. A ``Shard(0)`` DTensor weight selects
-            its mesh group by itself. ``vocab_size``, ``reduce_hidden_grad``, ``deterministic``: see
+            its mesh group by itself. ``vocab_size``, ``reduce_hidden_grad``: see
             :func:`fusedpg.vocab_parallel.vocab_parallel_logprob_entropy` and fusedpg/vocab_parallel/README.md.
+        deterministic: bitwise batch-invariant rows (a row's logp, entropy and d_hidden depend on that row alone:
+            not on N, other rows, ignored rows, its position or chunk_bytes) and run-to-run reproducible d_weight;
+            default ``FUSEDPG_DETERMINISTIC``, else off. Vocabulary-parallel: the ranks' statistics are merged in
+            rank order. See fusedpg/linear/README.md#deterministic-mode.
 
     Returns:
         ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
@@ -67,7 +71,7 @@ def linear_logprob_entropy(
             hidden, weight, targets, group=vocab_parallel_group, bias=bias, temperature=temperature,
             ignore_index=ignore_index, compute_entropy=compute_entropy, check_targets=check_targets, impl=impl,
             chunk_bytes=chunk_bytes, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
-            deterministic=deterministic)
+            deterministic=LogProbOptions.default_deterministic(deterministic))
     checks.linear_inputs(hidden, weight, targets, bias)
     lead = hidden.shape[:-1]
     temp = checks.temperature(temperature, lead, hidden.device)
@@ -86,7 +90,8 @@ def linear_logprob_entropy(
         return logp.float(), ent.float()
     logp, ent, _, _ = linear_logprob_entropy_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), *temp.op_args(), int(ignore_index),
-        bool(compute_entropy), bool(check_targets), impl, checks.chunk_bytes(chunk_bytes))
+        bool(compute_entropy), bool(check_targets), impl, checks.chunk_bytes(chunk_bytes),
+        LogProbOptions.default_deterministic(deterministic))
     if not compute_entropy:
         ent = ent.detach()
     return logp.reshape(lead), ent.reshape(lead)

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from .. import fixed_rows
 from ..kernel_config import check_triton_dtype, programs_wanted, tile_config
 from ..options import LogProbOptions
 from ..temperature import Temperature
@@ -32,9 +33,11 @@ def forward(
     cfg = tile_config(hidden.dtype)
     row_blocks = triton.cdiv(n, cfg.BT)
     v_blocks = triton.cdiv(vocab, cfg.BV)
-    # Split the vocabulary across programs only as far as needed to fill the device.
-    splits = min(v_blocks, max(1, triton.cdiv(programs_wanted(hidden.device), row_blocks)))
-    v_per_split = triton.cdiv(v_blocks, splits) * cfg.BV
+    if opts.deterministic:  # fixed vocabulary segments, whatever N and the device: a fixed merge order
+        v_per_split = triton.cdiv(fixed_rows.vocab_segment(hidden.device), cfg.BV) * cfg.BV
+    else:  # split the vocabulary across programs only as far as needed to fill the device
+        splits = min(v_blocks, max(1, triton.cdiv(programs_wanted(hidden.device), row_blocks)))
+        v_per_split = triton.cdiv(v_blocks, splits) * cfg.BV
     splits = triton.cdiv(vocab, v_per_split)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, q = (torch.empty((splits, n), **f32) for _ in range(3))
@@ -117,7 +120,9 @@ def backward(
             BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         gc = g[:r]
-        if need_h:
+        if need_h and opts.deterministic:  # cuBLAS picks its algorithm by shape: fixed row blocks
+            fixed_rows.mm(gc, weight, dh[lo:hi])
+        elif need_h:
             torch.mm(gc, weight, out=dh[lo:hi])
         if need_w:
             if single:

@@ -30,7 +30,7 @@ def _plan(impl: str):
 def linear_logprob_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     temp_rows: Optional[torch.Tensor], temp_value: float, ignore_index: int, compute_entropy: bool,
-    check_targets: bool, impl: str, chunk_bytes: int,
+    check_targets: bool, impl: str, chunk_bytes: int, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32
     (fp64 for fp64 hidden); ignored rows are 0."""
@@ -43,7 +43,8 @@ def linear_logprob_entropy_op(
     if rows.count == 0:
         z = torch.zeros(n, dtype=out, device=hidden.device)
         return z, z.clone(), z.clone(), z.clone()
-    opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy)
+    opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
+                                   deterministic=deterministic)
     stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts)
     return tuple(rows.scatter(x.to(out)) for x in stats)
 
@@ -68,7 +69,8 @@ def linear_logprob_entropy_backward_op(
     grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
     weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temp_rows: Optional[torch.Tensor],
     temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int,
-    compute_entropy: bool, impl: str, chunk_bytes: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    compute_entropy: bool, impl: str, chunk_bytes: int, deterministic: bool, need_hidden: bool, need_weight: bool,
+    need_bias: bool,
 ) -> List[torch.Tensor]:
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes; a gradient that is not needed is an empty tensor."""
     needs = (need_hidden, need_weight, need_bias and bias is not None)
@@ -78,7 +80,8 @@ def linear_logprob_entropy_backward_op(
         grads = (None, None, None)
     else:
         c = grad_logp if grad_logp is not None else torch.zeros_like(m)
-        opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy)
+        opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
+                                       deterministic=deterministic)
         grads = _plan(impl).backward(
             rows.take(hidden), weight, bias, rows.take(targets), Temperature.of(temp_rows, temp_value).take(rows.idx),
             rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
@@ -96,27 +99,28 @@ def linear_logprob_entropy_backward_op(
 
 @linear_logprob_entropy_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
-      ignore_index, compute_entropy, impl, chunk_bytes, need_hidden, need_weight, need_bias):
+      ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias):
     return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes = inputs
+    hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, \
+        deterministic = inputs
     _, entropy, m, log_s = output
     ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
     ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy)
-    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes)
+    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
     hidden, weight, bias, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
-    temp_value, ignore_index, compute_entropy, impl, chunk_bytes = ctx.args
+    temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic = ctx.args
     need = ctx.needs_input_grad
     need_b = bias is not None and need[2]
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
-        ignore_index, compute_entropy, impl, chunk_bytes, need[0], need[1], need_b)
-    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 8
+        ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need[0], need[1], need_b)
+    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 9
 
 
 linear_logprob_entropy_op.register_autograd(_backward, setup_context=_setup)

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
@@ -42,12 +43,13 @@ def forward(
     work = compute_dtype(hidden.dtype)
     w, b = compute_head(weight, bias, work)
     outs = [torch.empty(n, dtype=work, device=hidden.device) for _ in range(4)]
-    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    step, take = fixed_rows.chunking(opts.deterministic, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize),
+                                     hidden.device)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        z = tempered_logits(hidden[lo:hi], w, b, temp.slice(lo, hi), work)
-        for out, val in zip(outs, softmax_stats(z, targets[lo:hi], opts.compute_entropy)):
-            out[lo:hi] = val
+        z = tempered_logits(take(hidden, lo, hi), w, b, take(temp, lo, hi), work)
+        for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
+            out[lo:hi] = val[:hi - lo]
     return outs[0], outs[1], outs[2], outs[3]
 
 
@@ -77,17 +79,19 @@ def backward(
     dw = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_w else None
     db = torch.zeros(vocab, dtype=work, device=weight.device) if need_b else None
     c, d = c.to(work), (None if d is None else d.to(work))
-    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    step, take = fixed_rows.chunking(opts.deterministic, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize),
+                                     hidden.device)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        t = temp.slice(lo, hi)
-        z = tempered_logits(hidden[lo:hi], w, b, t, work)
-        g = softmax_grad_(z, targets[lo:hi], m[lo:hi], log_s[lo:hi], entropy[lo:hi], c[lo:hi],
-                          None if d is None else d[lo:hi], t)
+        t = take(temp, lo, hi)
+        h = take(hidden, lo, hi)
+        z = tempered_logits(h, w, b, t, work)
+        # padding rows: log_s = -inf marks them dead (no probability, no gradient)
+        g = softmax_grad_(z, take(targets, lo, hi), take(m, lo, hi), take(log_s, lo, hi, float("-inf")),
+                          take(entropy, lo, hi), take(c, lo, hi), take(d, lo, hi), t)
         if need_h:
-            dh[lo:hi] = torch.mm(g, w)
+            dh[lo:hi] = torch.mm(g, w)[:hi - lo]
         if need_w:
-            h = hidden[lo:hi]
             dw.addmm_(g.T, h if h.dtype == work else h.to(work))
         if need_b:
             db += g.sum(0)

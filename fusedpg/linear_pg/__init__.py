@@ -9,6 +9,7 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..linear import linear_logprob_entropy
+from ..options import LogProbOptions
 from ..objective.validate import check_finite as check_finite_inputs
 from ..objective import (LossInputs, PGLossConfig, batch_coefficients, finalize_metrics, make_config, plan_of,
                          prepare, token_loss)
@@ -54,7 +55,7 @@ def fused_linear_pg_loss(
     vocab_parallel_group=None,
     vocab_size: Optional[int] = None,
     reduce_hidden_grad: bool = True,
-    deterministic: bool = False,
+    deterministic: Optional[bool] = None,
     **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss straight from the last hidden states and the LM-head weight.
@@ -76,7 +77,10 @@ def fused_linear_pg_loss(
         rollout_logp, is_weights, old_entropy, group_ids, step_ids, token_weights, truncated: as in
             :func:`fusedpg.objective.prepare`, for the variants that use them.
         check_finite: as in :func:`fusedpg.pg_loss`, plus hidden (unmasked tokens), weight and bias.
-        vocab_parallel_group, vocab_size, reduce_hidden_grad, deterministic: a vocabulary-sharded head, as in
+        deterministic: the head's rows bitwise batch-invariant and every gradient run-to-run reproducible, as in
+            :func:`fusedpg.linear_logprob_entropy`; the loss then runs on the deterministic head's ``[N]`` outputs
+            with its recompute backward (8·N·H·V FLOPs for every plan). Default ``FUSEDPG_DETERMINISTIC``, else off.
+        vocab_parallel_group, vocab_size, reduce_hidden_grad: a vocabulary-sharded head, as in
             :func:`fusedpg.linear_logprob_entropy`. The merged log-probs and entropy are the same on every rank, so
             is the loss; every plan runs as a recompute (statistics, loss, then the head's backward). Normalisers
             (``num_items_in_batch``, ``world_size``) count the data-parallel ranks only: tensor-parallel ranks hold
@@ -108,7 +112,8 @@ def fused_linear_pg_loss(
     impl = resolve_impl(impl, hidden.device)
     flat_temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    if parallel:
+    deterministic = LogProbOptions.default_deterministic(deterministic)
+    if parallel or deterministic:
         return _composed(lambda y: linear_logprob_entropy(
             h2, weight, y, bias=bias, temperature=flat_temp, impl=impl, chunk_bytes=chunk_bytes,
             vocab_parallel_group=vocab_parallel_group, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,

@@ -26,6 +26,7 @@ def logprob_entropy(
     impl: Optional[str] = None,
     chunk_bytes: Optional[int] = None,
     check_finite: Optional[bool] = None,
+    deterministic: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(logits / temperature)``.
 
@@ -35,7 +36,8 @@ def logprob_entropy(
         temperature: positive float or a tensor of the leading shape (no gradient).
         inplace_backward: write the logits gradient into the logits buffer (saves one N x V tensor; the caller's
             logits are overwritten during backward, so do not reuse them afterwards).
-        check_targets, impl, chunk_bytes, check_finite: as in :func:`fusedpg.linear_logprob_entropy` (the finite
+        check_targets, impl, chunk_bytes, check_finite, deterministic: as in :func:`fusedpg.linear_logprob_entropy`
+            (deterministic: a row's results depend on that row alone; the finite
             check reads logits on rows that are not ignored; ``-inf`` logits are allowed, NaN and ``+inf`` are not).
 
     Returns:
@@ -66,7 +68,8 @@ def logprob_entropy(
         raise ValueError("logits must be contiguous when inplace_backward=True, got a non-contiguous tensor")
     logp, ent, _, _ = logprob_entropy_op(
         logits.reshape(-1, vocab), targets.reshape(-1), *temp.op_args(), int(ignore_index), bool(compute_entropy),
-        bool(check_targets), impl, checks.chunk_bytes(chunk_bytes), bool(inplace_backward))
+        bool(check_targets), impl, checks.chunk_bytes(chunk_bytes), bool(inplace_backward),
+        LogProbOptions.default_deterministic(deterministic))
     if not compute_entropy:
         ent = ent.detach()
     return logp.reshape(lead), ent.reshape(lead)

@@ -25,9 +25,10 @@ def _plan(impl: str):
     return plan_torch
 
 
-def _opts(ignore_index: int, compute_entropy: bool, chunk_bytes: int, inplace: bool) -> LogProbOptions:
+def _opts(ignore_index: int, compute_entropy: bool, chunk_bytes: int, inplace: bool,
+          deterministic: bool) -> LogProbOptions:
     return LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
-                                   inplace=inplace)
+                                   inplace=inplace, deterministic=deterministic)
 
 
 def _valid_targets(targets: torch.Tensor, ignore_index: int):
@@ -39,6 +40,7 @@ def _valid_targets(targets: torch.Tensor, ignore_index: int):
 def logprob_entropy_op(
     logits: torch.Tensor, targets: torch.Tensor, temp_rows: Optional[torch.Tensor], temp_value: float,
     ignore_index: int, compute_entropy: bool, check_targets: bool, impl: str, chunk_bytes: int, inplace: bool,
+    deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits ``[N, V]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32 (fp64 for fp64 logits)."""
     temp = Temperature.of(temp_rows, temp_value)
@@ -47,23 +49,24 @@ def logprob_entropy_op(
         checks.targets_in_range(targets, logits.shape[1], ignore_index)
     y, valid = _valid_targets(targets, ignore_index)
     out = compute_dtype(logits.dtype)
-    stats = _plan(impl).forward(logits, y, valid, temp, _opts(ignore_index, compute_entropy, chunk_bytes, inplace))
+    stats = _plan(impl).forward(logits, y, valid, temp,
+                                _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic))
     return tuple(x.to(out) for x in stats)
 
 
 @logprob_entropy_op.register_fake
 def _(logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, check_targets, impl, chunk_bytes,
-      inplace):
+      inplace, deterministic):
     return tuple(logits.new_empty(logits.shape[0], dtype=compute_dtype(logits.dtype)) for _ in range(4))
 
 
 def _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-          compute_entropy, impl, chunk_bytes, inplace) -> torch.Tensor:
+          compute_entropy, impl, chunk_bytes, deterministic, inplace) -> torch.Tensor:
     y, valid = _valid_targets(targets, ignore_index)
     c = grad_logp if grad_logp is not None else torch.zeros_like(m)
     d = grad_entropy if compute_entropy else None
     return _plan(impl).backward(logits, y, valid, Temperature.of(temp_rows, temp_value), m, log_s, entropy, c, d,
-                                _opts(ignore_index, compute_entropy, chunk_bytes, inplace))
+                                _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic))
 
 
 @torch.library.custom_op("fusedpg::logprob_entropy_backward", mutates_args=())
@@ -71,16 +74,16 @@ def logprob_entropy_backward_op(
     logits: torch.Tensor, targets: torch.Tensor, grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor], temp_value: float, m: torch.Tensor,
     log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int, compute_entropy: bool, impl: str,
-    chunk_bytes: int,
+    chunk_bytes: int, deterministic: bool,
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits ``[N, V]``, in the logits dtype, in a new tensor."""
     return _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-                 compute_entropy, impl, chunk_bytes, False)
+                 compute_entropy, impl, chunk_bytes, deterministic, False)
 
 
 @logprob_entropy_backward_op.register_fake
 def _(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-      compute_entropy, impl, chunk_bytes):
+      compute_entropy, impl, chunk_bytes, deterministic):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -89,34 +92,35 @@ def logprob_entropy_backward_inplace_op(
     logits: torch.Tensor, targets: torch.Tensor, grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor], temp_value: float, m: torch.Tensor,
     log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int, compute_entropy: bool, impl: str,
-    chunk_bytes: int,
+    chunk_bytes: int, deterministic: bool,
 ) -> None:
     """Writes the gradient w.r.t. the logits over the logits buffer (no second ``[N, V]`` tensor)."""
     _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-          compute_entropy, impl, chunk_bytes, True)
+          compute_entropy, impl, chunk_bytes, deterministic, True)
 
 
 def _setup(ctx, inputs, output):
-    logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, inplace = inputs
+    logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, inplace, \
+        deterministic = inputs
     _, entropy, m, log_s = output
     ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
     ctx.save_for_backward(logits, targets, temp_rows, m, log_s, entropy)
-    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace)
+    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace, deterministic)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
     logits, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
-    temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace = ctx.args
+    temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace, deterministic = ctx.args
     if grad_logp is None and (grad_entropy is None or not compute_entropy):
-        return (None,) * 10
+        return (None,) * 11
     args = (logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-            compute_entropy, impl, chunk_bytes)
+            compute_entropy, impl, chunk_bytes, deterministic)
     if inplace:
         logprob_entropy_backward_inplace_op(*args)
         grad = logits
     else:
         grad = logprob_entropy_backward_op(*args)
-    return (grad,) + (None,) * 9
+    return (grad,) + (None,) * 10
 
 
 logprob_entropy_op.register_autograd(_backward, setup_context=_setup)

@@ -10,13 +10,15 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
 
 
-def _chunk(logits: torch.Tensor, lo: int, hi: int, temp: Temperature, work) -> torch.Tensor:
-    return temp.slice(lo, hi).divide_(logits[lo:hi].to(work, copy=True))
+def _chunk(logits: torch.Tensor, lo: int, hi: int, temp: Temperature, work, take, fresh: bool) -> torch.Tensor:
+    """The chunk's tempered logits in an owned work-dtype buffer (``fresh``: ``take`` already copied them)."""
+    return take(temp, lo, hi).divide_(take(logits, lo, hi).to(work, copy=not fresh))
 
 
 def forward(
@@ -26,12 +28,13 @@ def forward(
     n, vocab = logits.shape
     work = compute_dtype(logits.dtype)
     outs = [torch.empty(n, dtype=work, device=logits.device) for _ in range(4)]
-    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    step, take = fixed_rows.chunking(opts.deterministic, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize),
+                                     logits.device)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        stats = softmax_stats(_chunk(logits, lo, hi, temp, work), targets[lo:hi], opts.compute_entropy)
-        for out, val in zip(outs, stats):
-            out[lo:hi] = val
+        z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
+        for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
+            out[lo:hi] = val[:hi - lo]
     zero = torch.zeros((), dtype=work, device=logits.device)
     return torch.where(valid, outs[0], zero), torch.where(valid, outs[1], zero), outs[2], outs[3]
 
@@ -55,11 +58,13 @@ def backward(
     zero = torch.zeros((), dtype=work, device=logits.device)
     c = torch.where(valid, c.to(work), zero)
     d = None if d is None else torch.where(valid, d.to(work), zero)
-    step = rows_per_chunk(vocab, opts.chunk_bytes, torch.finfo(work).bits // 8)
+    step, take = fixed_rows.chunking(opts.deterministic, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize),
+                                     logits.device)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        t = temp.slice(lo, hi)
-        z = _chunk(logits, lo, hi, temp, work)
-        g = softmax_grad_(z, targets[lo:hi], m[lo:hi], log_s[lo:hi], entropy[lo:hi], c[lo:hi], None if d is None else d[lo:hi], t)
-        out[lo:hi] = g
+        z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
+        # padding rows: log_s = -inf marks them dead (no probability, no gradient)
+        g = softmax_grad_(z, take(targets, lo, hi), take(m, lo, hi), take(log_s, lo, hi, float("-inf")),
+                          take(entropy, lo, hi), take(c, lo, hi), take(d, lo, hi), take(temp, lo, hi))
+        out[lo:hi] = g[:hi - lo]
     return out

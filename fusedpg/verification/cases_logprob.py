@@ -187,7 +187,8 @@ def check_linear(case: LinearCase, impl: Optional[str] = None, device="cpu", op=
     return _compare_all("linear", case, got, ref_d, ref64)
 
 
-def check_logits(case: LinearCase, impl: Optional[str] = None, device="cpu", inplace: bool = False) -> List[Comparison]:
+def check_logits(case: LinearCase, impl: Optional[str] = None, device="cpu", inplace: bool = False,
+                 deterministic: bool = False) -> List[Comparison]:
     """Compare ``logprob_entropy`` on logits built from the same case against eager-D and float64 truth."""
     from .. import logprob_entropy
 
@@ -204,7 +205,7 @@ def check_logits(case: LinearCase, impl: Optional[str] = None, device="cpu", inp
         if inplace:
             logits = logits.clone()  # the in-place backward overwrites its input, so hand it a private buffer
         return logprob_entropy(logits, x["targets"], temperature=temp, impl=impl, inplace_backward=inplace,
-                               compute_entropy=case.compute_entropy)
+                               compute_entropy=case.compute_entropy, deterministic=deterministic)
 
     def eager(logits):
         return logprob_entropy_reference(logits, x["targets"], temp, dtype=None)

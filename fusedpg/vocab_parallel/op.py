@@ -66,7 +66,7 @@ def vocab_parallel_op(
     """hidden ``[N, H]``, this rank's weight ``[V_r, H]``, local targets ``[N]`` -> (logp, entropy, m, log_s)
     ``[N]`` over the whole vocabulary, identical on every rank of ``group``."""
     local = linear_logprob_entropy_op(hidden, weight, bias, targets, temp_rows, temp_value, IGNORE, compute_entropy,
-                                      False, impl, chunk_bytes)
+                                      False, impl, chunk_bytes, deterministic)
     return _merge(*local, targets, compute_entropy, group_of(group), deterministic)
 
 
@@ -78,13 +78,14 @@ def vocab_parallel_backward_op(
     grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
     weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temp_rows: Optional[torch.Tensor],
     temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, compute_entropy: bool, impl: str,
-    chunk_bytes: int, group: str, reduce_hidden_grad: bool, need_hidden: bool, need_weight: bool, need_bias: bool,
+    chunk_bytes: int, group: str, deterministic: bool, reduce_hidden_grad: bool, need_hidden: bool,
+    need_weight: bool, need_bias: bool,
 ) -> List[torch.Tensor]:
     """The shard's (d_hidden, d_weight, d_bias) from the merged statistics; d_hidden summed over the group when
     ``reduce_hidden_grad`` (each rank holds the part of ``g @ W`` from its own columns)."""
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy, IGNORE,
-        compute_entropy, impl, chunk_bytes, need_hidden, need_weight, need_bias)
+        compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias)
     if need_hidden and reduce_hidden_grad:
         total = dh.to(compute_dtype(dh.dtype))  # summed at fp32, rounded once
         dist.all_reduce(total, group=group_of(group))
@@ -94,26 +95,27 @@ def vocab_parallel_backward_op(
 
 @vocab_parallel_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
-      compute_entropy, impl, chunk_bytes, group, reduce_hidden_grad, need_hidden, need_weight, need_bias):
+      compute_entropy, impl, chunk_bytes, group, deterministic, reduce_hidden_grad, need_hidden, need_weight,
+      need_bias):
     return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temp_rows, temp_value, compute_entropy, impl, chunk_bytes, group, _, reduce = inputs
+    hidden, weight, bias, targets, temp_rows, temp_value, compute_entropy, impl, chunk_bytes, group, det, reduce = inputs
     _, entropy, m, log_s = output
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy)
-    ctx.args = (temp_value, compute_entropy, impl, chunk_bytes, group, reduce)
+    ctx.args = (temp_value, compute_entropy, impl, chunk_bytes, group, det, reduce)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
     hidden, weight, bias, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
-    temp_value, compute_entropy, impl, chunk_bytes, group, reduce = ctx.args
+    temp_value, compute_entropy, impl, chunk_bytes, group, det, reduce = ctx.args
     need = ctx.needs_input_grad
     need_b = bias is not None and need[2]
     dh, dw, db = vocab_parallel_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
-        compute_entropy, impl, chunk_bytes, group, reduce, need[0], need[1], need_b)
+        compute_entropy, impl, chunk_bytes, group, det, reduce, need[0], need[1], need_b)
     return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 9
 
 
