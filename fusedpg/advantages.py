@@ -376,3 +376,18 @@ class DCPOSmoothAdvantage:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = dict(state["state"])
+
+
+# Estimators of the sibling modules, found here too. They import this module's helpers, so they load on first use.
+_SIBLINGS = {"copo_advantages": "advantages_blend", "answer_entropy": "advantages_blend",
+             "hpt_gate": "advantages_blend", "make_pairs": "pairs", "knapsack_group_sizes": "budget",
+             "knapsack_value": "budget"}
+__all__ += list(_SIBLINGS)
+
+
+def __getattr__(name: str):
+    if name in _SIBLINGS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_SIBLINGS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

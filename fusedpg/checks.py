@@ -173,3 +173,31 @@ def finite(name: str, value: Optional[torch.Tensor], used: Optional[torch.Tensor
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name} must be finite (check_finite), got {value[index].item()} at index {index}")
+
+
+def truncation(top_k, top_p, min_p, lead, device):
+    """``Truncation`` of per-row ``[N]`` tensors from numbers or tensors of the leading shape (None: off)."""
+    from .truncation import Truncation
+
+    def per_row(name, value, is_int, ok, want):
+        if value is None:
+            return None
+        dtype = torch.int64 if is_int else torch.float32
+        if isinstance(value, torch.Tensor):
+            (integer if is_int else floating)(name, value)
+            if tuple(value.shape) != tuple(lead):
+                raise ValueError(f"{name} must be a number or a tensor of shape {tuple(lead)}, got {_describe(value)}")
+            bad = ~ok(value)
+            if value.numel() and bool(bad.any()):
+                raise ValueError(f"{name} must be {want}, got a tensor containing {value[bad][0].item()}")
+            return value.reshape(-1).to(device=device, dtype=dtype)
+        if isinstance(value, bool) or not isinstance(value, int if is_int else (int, float)):
+            raise TypeError(f"{name} must be {'an int' if is_int else 'a float'} or a tensor, got "
+                            f"{type(value).__name__}")
+        if not bool(ok(torch.tensor(value))):
+            raise ValueError(f"{name} must be {want}, got {value}")
+        return torch.full((math.prod(lead),), value, dtype=dtype, device=device)
+
+    return Truncation(per_row("top_k", top_k, True, lambda v: v >= 0, ">= 0 (0: off)"),
+                      per_row("top_p", top_p, False, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1: off)"),
+                      per_row("min_p", min_p, False, lambda v: (v >= 0) & (v <= 1), "in [0, 1] (0: off)"))

@@ -110,9 +110,12 @@ def test_checks_still_run_inside_the_op():
 def test_opcheck_linear_op():
     x, w, b, y, *_ = _data(5)
     args = (x.reshape(-1, H).requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), y.reshape(-1),
-            None, 0.9, -100, True, True, "torch", 0, False)
+            None, 0.9, -100, True, True, "torch", 0, False, None, None, None)
     torch.library.opcheck(torch.ops.fusedpg.linear_logprob_entropy.default, args)
-    torch.library.opcheck(torch.ops.fusedpg.linear_logprob_entropy.default, args[:-1] + (True,))  # deterministic
+    torch.library.opcheck(torch.ops.fusedpg.linear_logprob_entropy.default, args[:-4] + (True, None, None, None))
+    n = args[0].shape[0]  # deterministic, and the truncated distribution (per-row top-k, top-p)
+    truncated = (torch.full((n,), 5, dtype=torch.long), torch.full((n,), 0.9), None)
+    torch.library.opcheck(torch.ops.fusedpg.linear_logprob_entropy.default, args[:-3] + truncated)
 
 
 def test_fresh_process_registers_ops_lazily():

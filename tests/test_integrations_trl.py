@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import fusedpg.head as fusedpg_head  # noqa: E402
+from fusedpg.truncation import OUTSIDE_LOGP  # noqa: E402
 from fusedpg.integrations.trl import FusedPGGRPOTrainer  # noqa: E402
 
 B, P, C, V = 4, 3, 5, 64
@@ -389,6 +390,31 @@ def test_old_ref_pass_matches_trl(trainers, nograd_calls, batch_size):
     before = nograd_calls["nograd"]
     lp, _, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, am, C)
     assert lp.requires_grad and nograd_calls["nograd"] == before
+
+
+def test_sampler_parity_scores_the_truncated_distribution(trainers):
+    """fusedpg_sampler_parity=True: the old/ref pass and the loss use GRPOConfig's top_k / top_p / min_p; off (the
+    default) keeps TRL's full-softmax numbers."""
+    _, ours = trainers
+    inputs = _inputs(ours, seed=62)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    saved = (ours.fusedpg_sampler_parity, ours.top_k, ours.top_p, ours.min_p)
+    try:
+        ours.top_k, ours.top_p, ours.min_p = 7, 0.9, None
+        assert ours._fusedpg_sampling() == {}  # the opt-in is off
+        with torch.no_grad():
+            full = ours._get_per_token_logps_and_entropies(ours.model, ids, am, C)[0]
+        ours.fusedpg_sampler_parity = True
+        assert ours._fusedpg_sampling() == {"top_k": 7, "top_p": 0.9}
+        with torch.no_grad():
+            truncated = ours._get_per_token_logps_and_entropies(ours.model, ids, am, C)[0]
+        on = inputs["completion_mask"] != 0
+        # renormalised over fewer tokens: every kept target's log-prob rises, the others drop to the floor
+        assert ((truncated[on] >= full[on] - 1e-6) | (truncated[on] == OUTSIDE_LOGP)).all()
+        assert (truncated[on] > full[on] + 1e-4).any()
+    finally:
+        ours.fusedpg_sampler_parity, ours.top_k, ours.top_p, ours.min_p = saved
 
 
 @pytest.fixture(scope="module")

@@ -82,9 +82,9 @@ def test_masked_tokens_get_zero_gradient():
 
 def test_plan_classes():
     one = {"ppo", "grpo", "dr_grpo", "dapo", "bnpo", "bnpo_adv", "ngrpo", "aepo", "psr", "nsr", "w_reinforce",
-           "gppo", "dcpo", "cispo", "sapo", "gpg", "alol_token", "topr"}
-    seq = {"gspo", "gspo_token", "luspo", "geo_mean", "vespo", "alol", "gtpo"}
-    two = {"bapo", "clip_cov", "kl_cov", "top_entropy", "d3s", "empg"}
+           "gppo", "dcpo", "cispo", "sapo", "gpg", "alol_token", "topr", "hpt"}
+    seq = {"gspo", "gspo_token", "luspo", "geo_mean", "vespo", "alol", "gtpo", "p3o"}
+    two = {"bapo", "clip_cov", "kl_cov", "top_entropy", "d3s", "empg", "drpo", "copg"}
     assert one | seq | two == set(variant_names())
     kw = {"dr_grpo": dict(max_completion_length=8)}
     for names, plan in ((one, "one_pass"), (seq, "sequence"), (two, "two_phase")):

@@ -67,8 +67,9 @@ def test_zero_advantages(loss_type):
     t, opts = make_case(loss_type, seed=6)
     if loss_type in ("psr", "nsr", "w_reinforce"):
         pytest.skip("advantages are binary rewards for these variants")
-    if loss_type in ("empg", "kl_cov"):
-        pytest.skip("EMPG's future bonus zeta f(H_next) and KL-Cov's kappa |lr| penalty do not vanish with A")
+    if loss_type in ("empg", "kl_cov", "copg", "drpo"):
+        pytest.skip("EMPG's future bonus zeta f(H_next), KL-Cov's kappa |lr| penalty, CoPG's -beta log(pi/pi_ref) "
+                    "and DRPO's trust-region penalty do not vanish with A")
     t["advantages"] = torch.zeros_like(t["advantages"])
     loss, metrics, gl, gh = run(loss_type, t, opts)
     finite(loss, metrics, gl, gh)

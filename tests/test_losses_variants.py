@@ -15,7 +15,7 @@ TENSORS = ("old_logp", "ref_logp", "rollout_logp", "old_entropy", "group_ids", "
 
 #: Variants whose loss value is a surrogate built with stop-gradients (docs/losses.md#comparing-values-and-gradients): finite differences of the
 #: value do not give their gradient, so they are checked against the closed form below instead.
-STOP_GRADIENT = {"cispo", "vespo", "alol", "alol_token", "gppo", "gtpo", "gspo_token", "topr"}
+STOP_GRADIENT = {"cispo", "vespo", "alol", "alol_token", "gppo", "gtpo", "gspo_token", "topr", "drpo", "copg"}
 
 
 @pytest.mark.parametrize("loss_type", sorted(set(variant_names()) - STOP_GRADIENT))

@@ -71,8 +71,9 @@ if _GRPOTrainer is not None:
         """``trl.GRPOTrainer`` whose training loss runs on hidden states through fusedpg (see the module docstring)."""
 
         def __init__(self, *args, fusedpg_impl: Optional[str] = None, fusedpg_chunk_bytes: Optional[int] = None,
-                     prefix_grouper: bool = False, **kwargs):
+                     prefix_grouper: bool = False, fusedpg_sampler_parity: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
+            self.fusedpg_sampler_parity = bool(fusedpg_sampler_parity)
             self.fusedpg_impl = fusedpg_impl
             self.fusedpg_chunk_bytes = fusedpg_chunk_bytes
             self.prefix_grouper = bool(prefix_grouper)
@@ -167,6 +168,16 @@ if _GRPOTrainer is not None:
             add_hidden_state_forward(base)
             return base
 
+        def _fusedpg_sampling(self) -> dict:
+            """With ``fusedpg_sampler_parity=True``: score the distribution the rollouts were drawn from (GRPOConfig's
+            ``top_k``, ``top_p``, ``min_p``); otherwise TRL's full softmax."""
+            if not self.fusedpg_sampler_parity:
+                return {}
+            settings = {"top_k": int(self.top_k or 0), "top_p": float(1.0 if self.top_p is None else self.top_p),
+                        "min_p": float(self.min_p or 0.0)}
+            off = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+            return {k: v for k, v in settings.items() if v != off[k]}
+
         def _fusedpg_installed(self, base) -> bool:
             """Install the fused head on ``base`` (the reference model on first use); False where a wrapper already
             hooks its head (a reference model DeepSpeed or FSDP2 prepared in ``__init__``): TRL's pass runs there."""
@@ -209,7 +220,7 @@ if _GRPOTrainer is not None:
                     model, base, ids, am, k, grouped,
                     lambda head, hidden: head(hidden, targets, temperature=float(self.temperature),
                                               compute_entropy=compute_entropy, check_targets=False,
-                                              impl=self.fusedpg_impl))
+                                              impl=self.fusedpg_impl, **self._fusedpg_sampling()))
                 all_logps.append(logps)
                 if compute_entropy:
                     all_entropies.append(torch.where(valid, ent, torch.zeros_like(ent)))
@@ -264,11 +275,12 @@ if _GRPOTrainer is not None:
                 if old_logp is None:  # on-policy: old = current log-probs (one no-grad pass of the head only)
                     with torch.no_grad():
                         old_logp = head(hidden.detach(), targets.masked_fill(mask == 0, -100), compute_entropy=False,
-                                        temperature=temperature, impl=self.fusedpg_impl, check_targets=False)[0]
+                                        temperature=temperature, impl=self.fusedpg_impl, check_targets=False,
+                                        **self._fusedpg_sampling())[0]
                 return old_logp, head(hidden, targets, advantages=advantages, mask=maskf, old_logp=old_logp,
                                       ref_logp=ref, temperature=temperature, return_token_stats=True,
                                       impl=self.fusedpg_impl, chunk_bytes=self.fusedpg_chunk_bytes,
-                                      rollout_logp=rollout, is_weights=is_weights, **opts)
+                                      rollout_logp=rollout, is_weights=is_weights, **self._fusedpg_sampling(), **opts)
 
             out, (old, (loss, met)) = self._fusedpg_run(model, self._fusedpg_base, input_ids, attention_mask,
                                                         completion_ids.size(1), self.prefix_grouper, head_loss)

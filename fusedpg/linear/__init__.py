@@ -31,6 +31,9 @@ def linear_logprob_entropy(
     vocab_size: Optional[int] = None,
     reduce_hidden_grad: bool = True,
     deterministic: Optional[bool] = None,
+    top_k: Union[int, torch.Tensor, None] = None,
+    top_p: Union[float, torch.Tensor, None] = None,
+    min_p: Union[float, torch.Tensor, None] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
 
@@ -54,6 +57,10 @@ def linear_logprob_entropy(
             not on N, other rows, ignored rows, its position or chunk_bytes) and run-to-run reproducible d_weight;
             default ``FUSEDPG_DETERMINISTIC``, else off. Vocabulary-parallel: the ranks' statistics are merged in
             rank order. See fusedpg/linear/README.md#deterministic-mode.
+        top_k, top_p, min_p: the log-prob and entropy of the truncated sampling distribution (vLLM's sampler: a
+            number, or a tensor of hidden's leading shape); exact gradients of the renormalised kept set. A target
+            outside the kept set gets ``fusedpg.truncation.OUTSIDE_LOGP`` (finite). Runs the chunked torch plan
+            on any device. See fusedpg/linear/README.md#truncated-sampling.
 
     Returns:
         ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
@@ -65,6 +72,8 @@ def linear_logprob_entropy(
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
     if vocab_parallel_group is not None or type(weight).__name__ == "DTensor":
+        if top_k is not None or top_p is not None or min_p is not None:
+            raise ValueError("top_k / top_p / min_p are not supported with a vocabulary-parallel head yet")
         from ..vocab_parallel import vocab_parallel_logprob_entropy  # lazy: the TP layer sits on top of this op
 
         return vocab_parallel_logprob_entropy(
@@ -82,16 +91,18 @@ def linear_logprob_entropy(
     if check_targets is None:
         check_targets = LogProbOptions.default_check_targets()
     impl = resolve_impl(impl, hidden.device)
+    trunc = checks.truncation(top_k, top_p, min_p, lead, hidden.device)
     if impl == "reference":
         if check_targets:
             checks.targets_in_range(targets, weight.shape[0], ignore_index)
-        logp, ent = linear_logprob_entropy_reference(hidden, weight, targets, bias, temperature, ignore_index)
+        logp, ent = linear_logprob_entropy_reference(hidden, weight, targets, bias, temperature, ignore_index,
+                                                     truncation=(top_k, top_p, min_p) if trunc.active else None)
         ent = ent if compute_entropy else torch.zeros_like(ent).detach()
         return logp.float(), ent.float()
     logp, ent, _, _ = linear_logprob_entropy_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), *temp.op_args(), int(ignore_index),
         bool(compute_entropy), bool(check_targets), impl, checks.chunk_bytes(chunk_bytes),
-        LogProbOptions.default_deterministic(deterministic))
+        LogProbOptions.default_deterministic(deterministic), *trunc.op_args())
     if not compute_entropy:
         ent = ent.detach()
     return logp.reshape(lead), ent.reshape(lead)

@@ -15,6 +15,7 @@ from ..options import LogProbOptions
 from ..rows import Rows
 from ..softmax_math import compute_dtype
 from ..temperature import Temperature
+from ..truncation import OUTSIDE_LOGP, Truncation
 from . import plan_torch
 
 
@@ -30,10 +31,13 @@ def _plan(impl: str):
 def linear_logprob_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     temp_rows: Optional[torch.Tensor], temp_value: float, ignore_index: int, compute_entropy: bool,
-    check_targets: bool, impl: str, chunk_bytes: int, deterministic: bool,
+    check_targets: bool, impl: str, chunk_bytes: int, deterministic: bool, top_k: Optional[torch.Tensor],
+    top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32
-    (fp64 for fp64 hidden); ignored rows are 0."""
+    (fp64 for fp64 hidden); ignored rows are 0. top_k / top_p / min_p: per-row ``[N]`` truncation of the sampling
+    distribution (``fusedpg.truncation``), each None when off; a target outside the kept set gets
+    ``OUTSIDE_LOGP``."""
     n, out = hidden.shape[0], compute_dtype(hidden.dtype)
     temp = Temperature.of(temp_rows, temp_value)
     checks.temperature_values(temp)
@@ -45,7 +49,13 @@ def linear_logprob_entropy_op(
         return z, z.clone(), z.clone(), z.clone()
     opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                    deterministic=deterministic)
-    stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts)
+    trunc = Truncation(top_k, top_p, min_p)
+    if trunc.active:  # the threshold search runs on the torch plan's chunk buffer, on any device
+        stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts,
+                                   trunc.take(rows.idx))
+        stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
+    else:
+        stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts)
     return tuple(rows.scatter(x.to(out)) for x in stats)
 
 
@@ -70,7 +80,7 @@ def linear_logprob_entropy_backward_op(
     weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temp_rows: Optional[torch.Tensor],
     temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int,
     compute_entropy: bool, impl: str, chunk_bytes: int, deterministic: bool, need_hidden: bool, need_weight: bool,
-    need_bias: bool,
+    need_bias: bool, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
 ) -> List[torch.Tensor]:
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes; a gradient that is not needed is an empty tensor."""
     needs = (need_hidden, need_weight, need_bias and bias is not None)
@@ -82,10 +92,11 @@ def linear_logprob_entropy_backward_op(
         c = grad_logp if grad_logp is not None else torch.zeros_like(m)
         opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                        deterministic=deterministic)
-        grads = _plan(impl).backward(
+        trunc = Truncation(top_k, top_p, min_p)
+        grads = (plan_torch if trunc.active else _plan(impl)).backward(
             rows.take(hidden), weight, bias, rows.take(targets), Temperature.of(temp_rows, temp_value).take(rows.idx),
             rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
-            opts, needs)
+            opts, needs, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (True, False, False)):
         if not need:
@@ -99,28 +110,30 @@ def linear_logprob_entropy_backward_op(
 
 @linear_logprob_entropy_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
-      ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias):
+      ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, top_k,
+      top_p, min_p):
     return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):
     hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, \
-        deterministic = inputs
+        deterministic, top_k, top_p, min_p = inputs
     _, entropy, m, log_s = output
     ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
-    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy)
+    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p)
     ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
-    hidden, weight, bias, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
+    hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p = ctx.saved_tensors
     temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic = ctx.args
     need = ctx.needs_input_grad
     need_b = bias is not None and need[2]
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
-        ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need[0], need[1], need_b)
-    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 9
+        ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need[0], need[1], need_b, top_k, top_p,
+        min_p)
+    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 12
 
 
 linear_logprob_entropy_op.register_autograd(_backward, setup_context=_setup)

@@ -14,6 +14,7 @@ from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
+from ..truncation import Truncation, truncate_, truncated_coefficient
 
 
 def compute_head(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
@@ -37,8 +38,10 @@ def forward(
     targets: torch.Tensor,
     temp: Temperature,
     opts: LogProbOptions,
+    trunc: Truncation = Truncation(),
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``."""
+    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``; with an
+    active ``trunc``, those of the truncated distribution (``-inf`` log-prob for a target outside it)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
     w, b = compute_head(weight, bias, work)
@@ -48,6 +51,8 @@ def forward(
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         z = tempered_logits(take(hidden, lo, hi), w, b, take(temp, lo, hi), work)
+        if trunc.active:
+            truncate_(z, _rows_of(trunc, lo, hi, step, opts))
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     return outs[0], outs[1], outs[2], outs[3]
@@ -66,6 +71,7 @@ def backward(
     d: Optional[torch.Tensor],
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
+    trunc: Truncation = Truncation(),
 ):
     """Gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed.
 
@@ -86,9 +92,12 @@ def backward(
         t = take(temp, lo, hi)
         h = take(hidden, lo, hi)
         z = tempered_logits(h, w, b, t, work)
+        y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
+        if trunc.active:
+            c_chunk = truncated_coefficient(truncate_(z, _rows_of(trunc, lo, hi, step, opts)), y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
-        g = softmax_grad_(z, take(targets, lo, hi), take(m, lo, hi), take(log_s, lo, hi, float("-inf")),
-                          take(entropy, lo, hi), take(c, lo, hi), take(d, lo, hi), t)
+        g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
+                          take(d, lo, hi), t)
         if need_h:
             dh[lo:hi] = torch.mm(g, w)[:hi - lo]
         if need_w:
@@ -100,3 +109,7 @@ def backward(
         None if dw is None else dw.to(weight.dtype),
         None if db is None else db.to(bias.dtype),
     )
+
+
+def _rows_of(trunc: Truncation, lo: int, hi: int, step: int, opts: LogProbOptions) -> Truncation:
+    return trunc.slice(lo, hi, step if opts.deterministic else None)

@@ -16,6 +16,7 @@ def linear_logprob_entropy_reference(
     temperature: Union[float, torch.Tensor] = 1.0,
     ignore_index: int = -100,
     dtype: Optional[torch.dtype] = torch.float64,
+    truncation: Optional[tuple] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """hidden ``[..., H]``, weight ``[V, H]``, targets ``[...]`` -> (logp, entropy), each ``[...]``.
 
@@ -28,4 +29,4 @@ def linear_logprob_entropy_reference(
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    return logprob_entropy_reference(logits, targets, temperature, ignore_index, dtype)
+    return logprob_entropy_reference(logits, targets, temperature, ignore_index, dtype, truncation)

@@ -56,6 +56,9 @@ def fused_linear_pg_loss(
     vocab_size: Optional[int] = None,
     reduce_hidden_grad: bool = True,
     deterministic: Optional[bool] = None,
+    top_k: Union[int, torch.Tensor, None] = None,
+    top_p: Union[float, torch.Tensor, None] = None,
+    min_p: Union[float, torch.Tensor, None] = None,
     **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss straight from the last hidden states and the LM-head weight.
@@ -80,6 +83,9 @@ def fused_linear_pg_loss(
         deterministic: the head's rows bitwise batch-invariant and every gradient run-to-run reproducible, as in
             :func:`fusedpg.linear_logprob_entropy`; the loss then runs on the deterministic head's ``[N]`` outputs
             with its recompute backward (8·N·H·V FLOPs for every plan). Default ``FUSEDPG_DETERMINISTIC``, else off.
+        top_k, top_p, min_p: score the sampler's truncated distribution, as in :func:`fusedpg.linear_logprob_entropy`
+            (the same recompute structure); the metrics gain ``outside_kept``, the fraction of loss tokens whose
+            target lies outside the kept set.
         vocab_parallel_group, vocab_size, reduce_hidden_grad: a vocabulary-sharded head, as in
             :func:`fusedpg.linear_logprob_entropy`. The merged log-probs and entropy are the same on every rank, so
             is the loss; every plan runs as a recompute (statistics, loss, then the head's backward). Normalisers
@@ -113,12 +119,18 @@ def fused_linear_pg_loss(
     flat_temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
     h2 = hidden.reshape(-1, hidden.shape[-1])
     deterministic = LogProbOptions.default_deterministic(deterministic)
-    if parallel or deterministic:
-        return _composed(lambda y: linear_logprob_entropy(
+    truncated = top_k is not None or top_p is not None or min_p is not None
+    flat = (lambda x: x.reshape(-1) if isinstance(x, torch.Tensor) else x)
+    if parallel or deterministic or truncated:
+        loss, metrics = _composed(lambda y: linear_logprob_entropy(
             h2, weight, y, bias=bias, temperature=flat_temp, impl=impl, chunk_bytes=chunk_bytes,
             vocab_parallel_group=vocab_parallel_group, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
-            deterministic=deterministic), targets, advantages, mask, inputs, config_of(key),
-            torch.float64 if hidden.dtype == torch.float64 else torch.float32, lead, return_token_stats)
+            deterministic=deterministic, top_k=flat(top_k), top_p=flat(top_p), min_p=flat(min_p)),
+            targets, advantages, mask, inputs, config_of(key),
+            torch.float64 if hidden.dtype == torch.float64 else torch.float32, lead, return_token_stats or truncated)
+        if truncated:
+            metrics = _outside_kept(metrics, mask, lead, return_token_stats)
+        return loss, metrics
     if impl == "reference":
         return _composed(lambda y: linear_logprob_entropy(h2, weight, y, bias=bias, temperature=flat_temp,
                                                           check_targets=False, impl="reference"),
@@ -135,6 +147,18 @@ def fused_linear_pg_loss(
     if return_token_stats:
         metrics["logp"], metrics["entropy"] = out[5].detach().reshape(lead), out[6].detach().reshape(lead)
     return out[0], metrics
+
+
+def _outside_kept(metrics, mask, lead, keep_stats):
+    """The fraction of loss tokens whose target the sampler's truncation leaves out (their log-prob is the floor)."""
+    from ..truncation import OUTSIDE_LOGP
+
+    on = mask.reshape(lead) != 0
+    outside = (metrics["logp"] <= OUTSIDE_LOGP) & on
+    metrics["outside_kept"] = outside.sum().to(metrics["logp"].dtype) / on.sum().clamp(min=1)
+    if not keep_stats:
+        del metrics["logp"], metrics["entropy"]
+    return metrics
 
 
 def _composed(head, targets, advantages, mask, inputs, cfg, work, lead, want_stats):

@@ -92,7 +92,8 @@ def two_phase(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, 
 
     masked = torch.where(batch.active, targets, torch.full_like(targets, IGNORE))
     head = (hidden, weight, bias, masked, *temp.op_args())
-    lp_out, en_out, m, log_s = linear_logprob_entropy_op(*head, IGNORE, True, False, impl, chunk_bytes, False)
+    lp_out, en_out, m, log_s = linear_logprob_entropy_op(*head, IGNORE, True, False, impl, chunk_bytes, False,
+                                                         None, None, None)
     lp, en = lp_out.to(batch.dtype), en_out.to(batch.dtype)
     if plan_of(cfg) == "two_phase":
         batch = batch.updated(batch_coefficients(batch, lp, en, cfg))
@@ -100,7 +101,7 @@ def two_phase(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, 
     grads = (None, None, None)
     if c is not None:
         grads = linear_logprob_entropy_backward_op(c, d, *head, m, log_s, en_out, IGNORE, True, impl, chunk_bytes,
-                                                   False, *needs)
+                                                   False, *needs, None, None, None)
         grads = [g if need else None for g, need in zip(grads, needs)]
     return PassResult(total, sums, *grads, lp, en)
 

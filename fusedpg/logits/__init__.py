@@ -27,6 +27,9 @@ def logprob_entropy(
     chunk_bytes: Optional[int] = None,
     check_finite: Optional[bool] = None,
     deterministic: Optional[bool] = None,
+    top_k: Union[int, torch.Tensor, None] = None,
+    top_p: Union[float, torch.Tensor, None] = None,
+    min_p: Union[float, torch.Tensor, None] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(logits / temperature)``.
 
@@ -36,7 +39,8 @@ def logprob_entropy(
         temperature: positive float or a tensor of the leading shape (no gradient).
         inplace_backward: write the logits gradient into the logits buffer (saves one N x V tensor; the caller's
             logits are overwritten during backward, so do not reuse them afterwards).
-        check_targets, impl, chunk_bytes, check_finite, deterministic: as in :func:`fusedpg.linear_logprob_entropy`
+        check_targets, impl, chunk_bytes, check_finite, deterministic, top_k, top_p, min_p: as in
+            :func:`fusedpg.linear_logprob_entropy`
             (deterministic: a row's results depend on that row alone; the finite
             check reads logits on rows that are not ignored; ``-inf`` logits are allowed, NaN and ``+inf`` are not).
 
@@ -58,10 +62,12 @@ def logprob_entropy(
     if check_targets is None:
         check_targets = LogProbOptions.default_check_targets()
     impl = resolve_impl(impl, logits.device)
+    trunc = checks.truncation(top_k, top_p, min_p, lead, logits.device)
     if impl == "reference":
         if check_targets:
             checks.targets_in_range(targets, vocab, ignore_index)
-        logp, ent = logprob_entropy_reference(logits, targets, temperature, ignore_index)
+        logp, ent = logprob_entropy_reference(logits, targets, temperature, ignore_index,
+                                              truncation=(top_k, top_p, min_p) if trunc.active else None)
         ent = ent if compute_entropy else torch.zeros_like(ent).detach()
         return logp.float(), ent.float()
     if inplace_backward and not logits.is_contiguous():
@@ -69,7 +75,7 @@ def logprob_entropy(
     logp, ent, _, _ = logprob_entropy_op(
         logits.reshape(-1, vocab), targets.reshape(-1), *temp.op_args(), int(ignore_index), bool(compute_entropy),
         bool(check_targets), impl, checks.chunk_bytes(chunk_bytes), bool(inplace_backward),
-        LogProbOptions.default_deterministic(deterministic))
+        LogProbOptions.default_deterministic(deterministic), *trunc.op_args())
     if not compute_entropy:
         ent = ent.detach()
     return logp.reshape(lead), ent.reshape(lead)

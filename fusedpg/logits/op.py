@@ -14,6 +14,7 @@ from .. import checks
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype
 from ..temperature import Temperature
+from ..truncation import OUTSIDE_LOGP, Truncation
 from . import plan_torch
 
 
@@ -40,7 +41,7 @@ def _valid_targets(targets: torch.Tensor, ignore_index: int):
 def logprob_entropy_op(
     logits: torch.Tensor, targets: torch.Tensor, temp_rows: Optional[torch.Tensor], temp_value: float,
     ignore_index: int, compute_entropy: bool, check_targets: bool, impl: str, chunk_bytes: int, inplace: bool,
-    deterministic: bool,
+    deterministic: bool, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits ``[N, V]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32 (fp64 for fp64 logits)."""
     temp = Temperature.of(temp_rows, temp_value)
@@ -49,24 +50,32 @@ def logprob_entropy_op(
         checks.targets_in_range(targets, logits.shape[1], ignore_index)
     y, valid = _valid_targets(targets, ignore_index)
     out = compute_dtype(logits.dtype)
-    stats = _plan(impl).forward(logits, y, valid, temp,
-                                _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic))
+    opts = _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic)
+    trunc = Truncation(top_k, top_p, min_p)
+    if trunc.active:  # the threshold search runs on the torch plan's chunk buffer, on any device
+        stats = plan_torch.forward(logits, y, valid, temp, opts, trunc)
+        stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
+    else:
+        stats = _plan(impl).forward(logits, y, valid, temp, opts)
     return tuple(x.to(out) for x in stats)
 
 
 @logprob_entropy_op.register_fake
 def _(logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, check_targets, impl, chunk_bytes,
-      inplace, deterministic):
+      inplace, deterministic, top_k, top_p, min_p):
     return tuple(logits.new_empty(logits.shape[0], dtype=compute_dtype(logits.dtype)) for _ in range(4))
 
 
 def _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-          compute_entropy, impl, chunk_bytes, deterministic, inplace) -> torch.Tensor:
+          compute_entropy, impl, chunk_bytes, deterministic, top_k, top_p, min_p, inplace) -> torch.Tensor:
     y, valid = _valid_targets(targets, ignore_index)
     c = grad_logp if grad_logp is not None else torch.zeros_like(m)
     d = grad_entropy if compute_entropy else None
-    return _plan(impl).backward(logits, y, valid, Temperature.of(temp_rows, temp_value), m, log_s, entropy, c, d,
-                                _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic))
+    trunc = Truncation(top_k, top_p, min_p)
+    return (plan_torch if trunc.active else _plan(impl)).backward(
+        logits, y, valid, Temperature.of(temp_rows, temp_value), m, log_s, entropy, c, d,
+        _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic),
+        **({"trunc": trunc} if trunc.active else {}))
 
 
 @torch.library.custom_op("fusedpg::logprob_entropy_backward", mutates_args=())
@@ -74,16 +83,17 @@ def logprob_entropy_backward_op(
     logits: torch.Tensor, targets: torch.Tensor, grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor], temp_value: float, m: torch.Tensor,
     log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int, compute_entropy: bool, impl: str,
-    chunk_bytes: int, deterministic: bool,
+    chunk_bytes: int, deterministic: bool, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
+    min_p: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits ``[N, V]``, in the logits dtype, in a new tensor."""
     return _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-                 compute_entropy, impl, chunk_bytes, deterministic, False)
+                 compute_entropy, impl, chunk_bytes, deterministic, top_k, top_p, min_p, False)
 
 
 @logprob_entropy_backward_op.register_fake
 def _(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-      compute_entropy, impl, chunk_bytes, deterministic):
+      compute_entropy, impl, chunk_bytes, deterministic, top_k, top_p, min_p):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -92,35 +102,36 @@ def logprob_entropy_backward_inplace_op(
     logits: torch.Tensor, targets: torch.Tensor, grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor], temp_value: float, m: torch.Tensor,
     log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int, compute_entropy: bool, impl: str,
-    chunk_bytes: int, deterministic: bool,
+    chunk_bytes: int, deterministic: bool, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
+    min_p: Optional[torch.Tensor],
 ) -> None:
     """Writes the gradient w.r.t. the logits over the logits buffer (no second ``[N, V]`` tensor)."""
     _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-          compute_entropy, impl, chunk_bytes, deterministic, True)
+          compute_entropy, impl, chunk_bytes, deterministic, top_k, top_p, min_p, True)
 
 
 def _setup(ctx, inputs, output):
     logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, inplace, \
-        deterministic = inputs
+        deterministic, top_k, top_p, min_p = inputs
     _, entropy, m, log_s = output
     ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
-    ctx.save_for_backward(logits, targets, temp_rows, m, log_s, entropy)
+    ctx.save_for_backward(logits, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p)
     ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace, deterministic)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
-    logits, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
+    logits, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p = ctx.saved_tensors
     temp_value, ignore_index, compute_entropy, impl, chunk_bytes, inplace, deterministic = ctx.args
     if grad_logp is None and (grad_entropy is None or not compute_entropy):
-        return (None,) * 11
+        return (None,) * 14
     args = (logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
-            compute_entropy, impl, chunk_bytes, deterministic)
+            compute_entropy, impl, chunk_bytes, deterministic, top_k, top_p, min_p)
     if inplace:
         logprob_entropy_backward_inplace_op(*args)
         grad = logits
     else:
         grad = logprob_entropy_backward_op(*args)
-    return (grad,) + (None,) * 10
+    return (grad,) + (None,) * 13
 
 
 logprob_entropy_op.register_autograd(_backward, setup_context=_setup)

@@ -14,6 +14,7 @@ from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
+from ..truncation import Truncation, truncate_, truncated_coefficient
 
 
 def _chunk(logits: torch.Tensor, lo: int, hi: int, temp: Temperature, work, take, fresh: bool) -> torch.Tensor:
@@ -22,7 +23,8 @@ def _chunk(logits: torch.Tensor, lo: int, hi: int, temp: Temperature, work, take
 
 
 def forward(
-    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp: Temperature, opts: LogProbOptions
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp: Temperature, opts: LogProbOptions,
+    trunc: Truncation = Truncation(),
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` bool -> (logp, entropy, m, log_s), each ``[N]``."""
     n, vocab = logits.shape
@@ -33,6 +35,8 @@ def forward(
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
+        if trunc.active:
+            truncate_(z, trunc.slice(lo, hi, step if opts.deterministic else None))
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     zero = torch.zeros((), dtype=work, device=logits.device)
@@ -50,6 +54,7 @@ def backward(
     c: torch.Tensor,
     d: Optional[torch.Tensor],
     opts: LogProbOptions,
+    trunc: Truncation = Truncation(),
 ) -> torch.Tensor:
     """Gradient w.r.t. logits ``[N, V]`` in the logits dtype, written into ``logits`` when ``opts.inplace``."""
     n, vocab = logits.shape
@@ -63,8 +68,12 @@ def backward(
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
+        y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
+        if trunc.active:
+            c_chunk = truncated_coefficient(truncate_(z, trunc.slice(lo, hi, step if opts.deterministic else None)),
+                                            y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
-        g = softmax_grad_(z, take(targets, lo, hi), take(m, lo, hi), take(log_s, lo, hi, float("-inf")),
-                          take(entropy, lo, hi), take(c, lo, hi), take(d, lo, hi), take(temp, lo, hi))
+        g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
+                          take(d, lo, hi), take(temp, lo, hi))
         out[lo:hi] = g[:hi - lo]
     return out

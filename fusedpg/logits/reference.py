@@ -9,6 +9,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..truncation import OUTSIDE_LOGP
+
 
 def logprob_entropy_reference(
     logits: torch.Tensor,
@@ -16,8 +18,10 @@ def logprob_entropy_reference(
     temperature: Union[float, torch.Tensor] = 1.0,
     ignore_index: int = -100,
     dtype: Optional[torch.dtype] = torch.float64,
+    truncation: Optional[tuple] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[..., V]``, targets ``[...]`` -> (logp, entropy), each ``[...]``, differentiable through both.
+    ``truncation=(top_k, top_p, min_p)``: of the truncated sampling distribution, by ``truncate_reference``.
 
     Equivalent to ``z = logits / T; logp = log_softmax(z).gather(targets); H = -(softmax(z) * log_softmax(z)).sum()``
     with ignored rows set to 0. ``dtype=None`` computes in fp32 (eager trainer semantics).
@@ -30,6 +34,8 @@ def logprob_entropy_reference(
         z = z / temperature.to(work).reshape(*z.shape[:-1], 1)
     else:
         z = z / temperature
+    if truncation is not None:
+        z = truncate_reference(z, *truncation)
     valid = targets != ignore_index
     logsm = torch.log_softmax(z, dim=-1)
     logp = logsm.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
@@ -38,4 +44,39 @@ def logprob_entropy_reference(
     safe = torch.where(p > 0, logsm, torch.zeros((), dtype=work, device=z.device))
     entropy = -(p * safe).sum(-1)
     zero = torch.zeros((), dtype=work, device=z.device)
+    if truncation is not None:  # a target outside the kept set: the documented finite floor, no gradient
+        logp = torch.where(torch.isneginf(logp), torch.full_like(logp, OUTSIDE_LOGP), logp)
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def _per_row(value, rows: int, like: torch.Tensor):
+    if value is None:
+        return None
+    return (value.reshape(-1) if isinstance(value, torch.Tensor) else torch.full((rows,), value)).to(like.device)
+
+
+def truncate_reference(z: torch.Tensor, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
+    """vLLM v1's sampler on dense tempered logits ``[..., V]``, with its sort and cumsum: min-p on the
+    probabilities, then top-k (keep logits >= the k-th largest), then top-p on the renormalised rest (ascending
+    sort, drop while the cumulative mass is <= 1 - p, always keep the largest). Returns a masked copy."""
+    shape, vocab = z.shape, z.shape[-1]
+    z = z.reshape(-1, vocab)
+    rows = z.shape[0]
+    min_p, top_k, top_p = (_per_row(v, rows, z) for v in (min_p, top_k, top_p))
+    if min_p is not None:
+        probs = torch.softmax(z, -1)
+        drop = probs < min_p.to(z.dtype)[:, None] * probs.amax(-1, keepdim=True)
+        z = z.masked_fill(drop, float("-inf"))
+    if top_k is not None:
+        k = top_k.long().clamp(min=1, max=vocab)
+        kth = z.sort(-1, descending=True).values.gather(-1, (k - 1)[:, None])
+        off = ((top_k <= 0) | (top_k >= vocab))[:, None]
+        z = z.masked_fill(~off & (z < kth), float("-inf"))
+    if top_p is not None:
+        sorted_z, order = z.sort(-1)
+        cum = torch.softmax(sorted_z, -1).cumsum(-1)
+        drop = cum <= 1 - top_p.to(z.dtype)[:, None]
+        drop[:, -1] = False
+        drop &= (top_p < 1)[:, None]
+        z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return z.reshape(shape)

@@ -116,7 +116,7 @@ def prepare(
     # a NaN advantage of a fully masked sequence must not reach the loss through 0 * NaN; finite ones stay, since
     # sequence-level quantities (VESPO's phi) read the advantage on every token of the sequence
     f["advantages"] = torch.where(active | torch.isfinite(f["advantages"]), f["advantages"], zero)
-    f["extra"] = {}
+    f["extra"] = {} if f.get("truncated") is None else {"truncated": f["truncated"]}  # per token, 0/1
     f["is_weights"] = _rollout_weights(cfg, f, m, seq, nseq)
     token_shaped = (cfg.importance_sampling_level != "sequence" or cfg.beta != 0 or cfg.top_entropy_quantile < 1
                     or not f["adv_per_seq"] or (f["is_weights"] is not None and not f["is_seq_weights"]))

@@ -80,7 +80,10 @@ class PGLossConfig:
         kl_cov_ratio / kl_cov_coef, bapo_low_range / bapo_high_range / bapo_low_step / bapo_high_step /
         bapo_target / bapo_target_kind, gtpo_entropy_threshold / gtpo_entropy_coef, d3s_token_ratio,
         empg_k / empg_k_future / empg_zeta, alol_ratio, w_reinforce_lambda,
-        shaping_entropy ("current": GTPO/D3S/EMPG use the current entropy, detached; "old": ``old_entropy``).
+        shaping_entropy ("current": GTPO/D3S/EMPG use the current entropy, detached; "old": ``old_entropy``),
+        drpo_tau / drpo_lambda (DRPO's negative temperature and length-weight temperature), drpo_beta /
+        drpo_delta (its trust-region penalty ``beta max(kl - delta, 0) kl``; ``drpo_beta=0`` is off), copg_beta
+        (CoPG's regularisation ``R - beta log(pi/pi_ref)``), hpt_sft_coef (HPT's SFT weight).
     """
 
     loss_type: str = "dapo"
@@ -139,6 +142,12 @@ class PGLossConfig:
     alol_ratio: str = "ref"
     w_reinforce_lambda: float = 0.1
     shaping_entropy: str = "current"
+    drpo_tau: float = 10.0
+    drpo_lambda: float = 0.1
+    drpo_beta: float = 1000.0
+    drpo_delta: float = 1e-4
+    copg_beta: float = 0.1
+    hpt_sft_coef: float = 1.0
 
     def __post_init__(self):
         get_variant(self.loss_type)  # TypeError / ValueError listing the valid names
@@ -192,8 +201,10 @@ class PGLossConfig:
 # (fields, predicate, what the message asks for); None always passes (it means "default" or "off")
 _BOUNDS = (
     (("log_ratio_clamp", "kl_value_clamp", "max_completion_length", "loss_scale_factor", "sapo_tau_pos",
-      "sapo_tau_neg", "clip_cov_ratio", "kl_cov_ratio", "bapo_low_step", "bapo_high_step"), lambda v: v > 0, "> 0"),
-    (("epsilon_low", "epsilon_high", "num_items_in_batch", "num_sequences", "beta"), lambda v: v >= 0, ">= 0"),
+      "sapo_tau_neg", "clip_cov_ratio", "kl_cov_ratio", "bapo_low_step", "bapo_high_step", "drpo_tau",
+      "drpo_lambda"), lambda v: v > 0, "> 0"),
+    (("epsilon_low", "epsilon_high", "num_items_in_batch", "num_sequences", "beta", "drpo_beta", "drpo_delta",
+      "copg_beta", "hpt_sft_coef"), lambda v: v >= 0, ">= 0"),
     (("top_entropy_quantile", "d3s_token_ratio"), lambda v: 0 < v <= 1, "in (0, 1]"),
 )
 # other trainers' spellings of an option -> ours (TRL's epsilon is one bound; here the range has two)
@@ -255,14 +266,17 @@ def _check_combination(cfg: PGLossConfig, var) -> None:
                 f"delta must be > 1 + epsilon_high = {1.0 + cfg.epsilon_high} (below it, positive-advantage tokens "
                 f"inside the clip range lose their gradient), got delta={cfg.delta}"
             )
+    if name in ("vespo", "geo_mean", "p3o") and cfg.importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' for loss_type={name!r} (it builds its own "
+                         f"sequence weight), got {cfg.importance_sampling_level!r}")
     if cfg.importance_sampling_level != "token" and not var.ratio:
         raise ValueError(
             f"importance_sampling_level={cfg.importance_sampling_level!r} needs a variant with an importance ratio; "
             f"loss_type={name!r} has none (use 'token')"
         )
-    if name in ("vespo", "geo_mean") and cfg.importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level must be 'token' for loss_type={name!r} (it builds its own "
-                         f"sequence weight), got {cfg.importance_sampling_level!r}")
+    if name == "hpt" and cfg.mask_truncated_completions:
+        raise ValueError("mask_truncated_completions must be False for loss_type='hpt': `truncated` marks the "
+                         "demonstration sequences there (mask truncated rollouts in `mask` instead), got True")
     if name == "vespo" and cfg.rollout_is is not None and not cfg.rollout_is.startswith("token"):
         raise ValueError("rollout_is must be 'token_truncate' or 'token_mask' for loss_type='vespo', "
                          f"got {cfg.rollout_is!r}")

@@ -80,6 +80,11 @@ class TokenContext:
             self._lr = self.lp - self.old
         return self._lr
 
+    def on_policy(self, where: torch.Tensor) -> None:
+        """Treat the tokens where ``where`` holds as sampled from the current policy (``lr = 0``, ratio 1 and no
+        gradient through it): HPT's demonstrations."""
+        self._lr = torch.where(where, torch.zeros_like(self.lp), self.lp - self.old)
+
     def seq_log_ratio(self) -> torch.Tensor:
         """GSPO's length-normalised sequence log-ratio ``sum_t m lr / max(|o_i|, 1)``, broadcast ``[n]``."""
         return self.seg.bcast(self.seg.masked_mean(self.lr))

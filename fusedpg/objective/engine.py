@@ -153,6 +153,11 @@ def _metrics(ms: MetricSums, ctx: TokenContext, sur, kl, cfg) -> None:
     if kl is not None:
         ms.add("kl_sum", m * kl)
     valid = m > 0
+    if batch.rollout_logp is not None:  # the sampler/trainer mismatch on the loss tokens, as verl and TRL log it
+        gap = ctx.lp.detach() - batch.rollout_logp
+        ms.add("rollout_abs_diff_sum", m * gap.abs())
+        ms.max("rollout_abs_diff_max", gap.abs(), valid)
+        ms.add("rollout_kl_sum", m * (torch.expm1(gap) - gap))  # k3 of KL(sampler || trainer), sampler's tokens
     if batch.is_weights is not None:
         ms.add("is_weight_sum", m * batch.is_weights)
         ms.min("is_weight_min", batch.is_weights, valid)

@@ -9,7 +9,9 @@ Names: ``clip_low``/``clip_high``/``clip_region`` (TRL semantics: a clip counts 
 direction of A; sequences are counted when the ratio and the advantages are per sequence), ``clip_low_min_seq``
 /``clip_high_max_seq`` (min/max over sequences of the per-sequence means), ``dual_clip`` (verl
 ``pg_clipfrac_lower``), ``ppo_kl`` (mean ``old - logp``), ``kl`` (mean KL term, bias-corrected if enabled),
-``entropy``, ``ratio_mean``/``ratio_min``/``ratio_max``, ``is_weight_*``, ``tokens``, ``seqs``, and the loss split
+``entropy``, ``ratio_mean``/``ratio_min``/``ratio_max``, ``is_weight_*``, with ``rollout_logp`` the sampler/trainer
+mismatch ``rollout_abs_diff`` (mean ``|logp - rollout_logp|``), ``rollout_abs_diff_max`` and ``rollout_kl`` (mean k3
+of KL(sampler || trainer)), ``tokens``, ``seqs``, and the loss split
 ``loss_policy``/``loss_kl``/``loss_entropy`` (sums of each term's share of the loss).
 """
 from __future__ import annotations

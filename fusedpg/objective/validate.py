@@ -113,8 +113,9 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
         if tuple(truncated.reshape(-1).shape) != (nseq,):
             raise ValueError(f"truncated must hold one flag per sequence ({nseq},), got {checks._describe(truncated)}")
         _binary("truncated", truncated)
+        out["truncated"] = truncated.reshape(-1).to(device=dev, dtype=work)[seq]  # per token (HPT's demo flag)
         if cfg.mask_truncated_completions:
-            m = m * (1 - truncated.reshape(-1).to(work))[seq]
+            m = m * (1 - out["truncated"])
     adv, per_seq = _per_seq_or_token("advantages", advantages, mask, nseq, seq)
     out.update(mask=m, seq=seq, num_seqs=nseq, offsets=offsets, advantages=adv.detach().to(work), adv_per_seq=per_seq)
     for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp),

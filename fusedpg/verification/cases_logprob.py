@@ -158,8 +158,10 @@ def _compare_all(prefix: str, case: LinearCase, got, ref_d, ref64) -> List[Compa
     return results
 
 
-def check_linear(case: LinearCase, impl: Optional[str] = None, device="cpu", op=None) -> List[Comparison]:
-    """Compare ``linear_logprob_entropy`` (or ``op`` with its signature) against eager-D and float64 truth."""
+def check_linear(case: LinearCase, impl: Optional[str] = None, device="cpu", op=None,
+                 truncation: Optional[dict] = None) -> List[Comparison]:
+    """Compare ``linear_logprob_entropy`` (or ``op`` with its signature) against eager-D and float64 truth;
+    ``truncation``: top_k / top_p / min_p keywords, scored against the vLLM-style dense reference."""
     from .. import linear_logprob_entropy  # looked up per call: tests swap it on the package
 
     op = op or linear_logprob_entropy
@@ -170,16 +172,20 @@ def check_linear(case: LinearCase, impl: Optional[str] = None, device="cpu", op=
     # with compute_entropy=False no gradient may flow from the entropy output: the references get none
     ref_ent = x["grad_ent"] if case.compute_entropy else None
 
+    trunc = truncation or {}
+    ref_trunc = (trunc.get("top_k"), trunc.get("top_p"), trunc.get("min_p")) if trunc else None
+
     def ours(hidden, weight, bias):
         return op(hidden, weight, x["targets"], bias=bias, temperature=temp, impl=impl,
-                  compute_entropy=case.compute_entropy)
+                  compute_entropy=case.compute_entropy, **trunc)
 
     def eager(hidden, weight, bias):
-        return linear_logprob_entropy_reference(hidden, weight, x["targets"], bias, temp, dtype=None)
+        return linear_logprob_entropy_reference(hidden, weight, x["targets"], bias, temp, dtype=None,
+                                                truncation=ref_trunc)
 
     def truth(hidden, weight, bias):
         t = temp.double() if isinstance(temp, torch.Tensor) else temp
-        return linear_logprob_entropy_reference(hidden, weight, x["targets"], bias, t)
+        return linear_logprob_entropy_reference(hidden, weight, x["targets"], bias, t, truncation=ref_trunc)
 
     got = _run_named(ours, tensors, want, x["grad_logp"], x["grad_ent"], case.dtype, case.layout)
     ref_d = _run_named(eager, tensors, want, x["grad_logp"], ref_ent, case.dtype)

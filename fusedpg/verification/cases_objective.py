@@ -3,7 +3,9 @@
 
 ``make_case(loss_type, ...)`` returns ``(tensors, options)``: ``tensors`` are the ``pg_loss`` tensor arguments
 (``logp`` and ``entropy`` as leaf tensors without grad), ``options`` the keyword options that make the variant
-valid on that batch (Dr.GRPO's ``max_completion_length``, binary rewards for PSR/NSR...).
+valid on that batch (Dr.GRPO's ``max_completion_length``, binary rewards for PSR/NSR/DRPO...). CoPG and P3O get an
+even batch (``batch`` is raised by one if odd) whose ``group_ids`` pair neighbouring rows; HPT gets ``truncated``
+(its demonstration flags).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ def make_case(loss_type: str, *, batch: int = 4, width: int = 7, packed: bool = 
         return torch.randn(*shape, generator=g, dtype=dtype)
 
     var = get_variant(loss_type)
+    per_seq_rewards = loss_type in _REWARDS
+    if loss_type in _PAIRS and batch % 2:
+        batch += 1  # a group of exactly two sequences is a pair
     lengths = torch.randint(1, width + 1, (batch,), generator=g)
     mask = torch.zeros(batch, width, dtype=dtype)
     for i, n in enumerate(lengths.tolist()):
@@ -35,22 +40,29 @@ def make_case(loss_type: str, *, batch: int = 4, width: int = 7, packed: bool = 
     ref = logp + randn(batch, width) * log_ratio_scale
     roll = old + randn(batch, width) * 0.1
     ent = torch.rand(batch, width, generator=g, dtype=dtype) * 2.0
-    adv = randn(batch, width) if per_token_adv else randn(batch)
+    adv = randn(batch, width) if per_token_adv and not per_seq_rewards else randn(batch)
     opts = {}
-    if loss_type in ("psr", "nsr", "w_reinforce"):
+    if loss_type in ("psr", "nsr", "w_reinforce", "drpo"):
         adv = (torch.rand(adv.shape, generator=g) < 0.5).to(dtype)
     if loss_type in ("clip_cov", "kl_cov"):
         opts.update(clip_cov_ratio=0.2, kl_cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9, seed=seed)
-    if loss_type == "dr_grpo":
+    if loss_type in ("dr_grpo", "drpo"):
         opts["max_completion_length"] = width
     t = dict(logp=logp, advantages=adv, mask=mask, entropy=ent, old_logp=old, ref_logp=ref, rollout_logp=roll,
              old_entropy=ent * 0.9 + 0.05, step_ids=(torch.arange(width) // 3).expand(batch, width).clone(),
-             group_ids=torch.arange(batch) // 2)
+             group_ids=torch.arange(batch) // (3 if loss_type == "drpo" else 2))
     if var.name == "gtpo":
         t["token_weights"] = torch.randint(0, 3, (batch, width), generator=g).to(dtype)
+    if var.name == "hpt":  # HPT's demonstrations are flagged in ``truncated``
+        t["truncated"] = torch.rand(batch, generator=g) < 0.4
     if packed:
         t = _pack(t, mask, lengths)
     return t, opts
+
+
+#: variants whose ``advantages`` are one reward per sequence, and those whose ``group_ids`` must form pairs
+_REWARDS = ("drpo", "copg", "p3o")
+_PAIRS = ("copg", "p3o")
 
 
 def _pack(t: dict, mask: torch.Tensor, lengths: torch.Tensor) -> dict:

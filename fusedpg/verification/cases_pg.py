@@ -11,7 +11,7 @@ from ..linear_pg.reference import fused_linear_pg_loss_reference
 from .cases_objective import make_case
 from .tolerance import Comparison, compare
 
-_TENSOR_KEYS = ("old_entropy", "group_ids", "step_ids", "token_weights")
+_TENSOR_KEYS = ("old_entropy", "group_ids", "step_ids", "token_weights", "truncated")
 METRICS = ("clip_low", "clip_high", "clip_region", "ppo_kl", "kl", "entropy", "ratio_mean", "tokens")
 
 
@@ -20,6 +20,7 @@ def fused_inputs(loss_type: str, *, batch: int = 4, width: int = 6, h: int = 24,
     """A head and a batch for ``loss_type``: old/ref/rollout log-probs are drawn around the *current* policy's
     float64 log-probs, so ratios land on both sides of the clip bounds."""
     t, opts = make_case(loss_type, batch=batch, width=width, seed=seed)
+    batch = t["mask"].shape[0]  # pair variants round an odd batch up
     g = torch.Generator().manual_seed(seed + 1)
     hidden = torch.randn(batch, width, h, generator=g, dtype=torch.float64)
     weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h ** 0.5 * 2

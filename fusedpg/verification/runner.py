@@ -25,6 +25,10 @@ _CASES = (
 )
 
 
+# vLLM's three truncations at once (top-k, then top-p on the rest, min-p relative to the most likely token)
+_TRUNC = {"top_k": 20, "top_p": 0.9, "min_p": 0.01}
+
+
 def _deterministic(*args, **kwargs):
     from .. import linear_logprob_entropy
 
@@ -38,6 +42,7 @@ def _primitive_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Compa
         ("logprob_entropy[inplace]", lambda c: check_logits(c, impl=impl, device=device, inplace=True)),
         ("linear_logprob_entropy[det]", lambda c: check_linear(c, impl=impl, device=device, op=_deterministic)),
         ("logprob_entropy[det]", lambda c: check_logits(c, impl=impl, device=device, deterministic=True)),
+        ("linear_logprob_entropy[trunc]", lambda c: check_linear(c, impl=impl, device=device, truncation=_TRUNC)),
     )
     for op, check in checks:
         for dtype in dtypes:
@@ -87,14 +92,14 @@ LEGEND = (  # printed under the table and in --help
 
 def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
     out = sys.stdout if out is None else out  # looked up per call, so redirected / captured stdout is honoured
-    header = f"{'op':28s} {'output':34s} {'dtype':9s} {'max abs err':>12s} {'ours/eager':>10s}  result"
+    header = f"{'op':30s} {'output':34s} {'dtype':9s} {'max abs err':>12s} {'ours/eager':>10s}  result"
     print(header, file=out)
     print("-" * len(header), file=out)
     rows = []
     for group in groups:
         for op, label, r in GROUPS[group](device, impl, dtypes):
             rows.append(r)
-            print(f"{op:28s} {label:34s} {str(r.dtype).replace('torch.', ''):9s} "
+            print(f"{op:30s} {label:34s} {str(r.dtype).replace('torch.', ''):9s} "
                   f"{r.max_abs_err:12.3e} {r.ratio:10.2f}  {'PASS' if r.ok else 'FAIL'}", file=out, flush=True)
     print("-" * len(header) + "\n" + LEGEND, file=out)
     failed = [r for r in rows if not r.ok]

@@ -66,7 +66,7 @@ def vocab_parallel_op(
     """hidden ``[N, H]``, this rank's weight ``[V_r, H]``, local targets ``[N]`` -> (logp, entropy, m, log_s)
     ``[N]`` over the whole vocabulary, identical on every rank of ``group``."""
     local = linear_logprob_entropy_op(hidden, weight, bias, targets, temp_rows, temp_value, IGNORE, compute_entropy,
-                                      False, impl, chunk_bytes, deterministic)
+                                      False, impl, chunk_bytes, deterministic, None, None, None)
     return _merge(*local, targets, compute_entropy, group_of(group), deterministic)
 
 
@@ -85,7 +85,7 @@ def vocab_parallel_backward_op(
     ``reduce_hidden_grad`` (each rank holds the part of ``g @ W`` from its own columns)."""
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy, IGNORE,
-        compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias)
+        compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, None, None, None)
     if need_hidden and reduce_hidden_grad:
         total = dh.to(compute_dtype(dh.dtype))  # summed at fp32, rounded once
         dist.all_reduce(total, group=group_of(group))

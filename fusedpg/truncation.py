@@ -1,0 +1,107 @@
+"""Log-probs of the truncated sampling distribution: top-k, top-p and min-p as one per-row logit threshold.
+
+A sampler that draws from a truncated distribution (vLLM's ``top_k``, ``top_p``, ``min_p``) keeps the tokens whose
+tempered logit is at least a per-row threshold and renormalises over them. fusedpg finds that threshold on each
+chunk's logits buffer by a bisection over the logits' ordered integer keys (32 passes over the chunk for fp32, no
+sort), sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient: the
+log-prob, entropy and gradients are exactly those of the renormalised kept distribution, and the thresholds, being
+piecewise constant, contribute no gradient. Order and tie rules: fusedpg/linear/README.md#truncated-sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+#: The log-prob returned for a target outside the kept set (sampler and trainer disagree): finite, never NaN.
+OUTSIDE_LOGP = -1.0e4
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Per-row ``[N]`` settings, each ``None`` when off everywhere: top_k (int64, 0 = off), top_p (1 = off),
+    min_p (0 = off)."""
+
+    top_k: Optional[torch.Tensor] = None
+    top_p: Optional[torch.Tensor] = None
+    min_p: Optional[torch.Tensor] = None
+
+    @property
+    def active(self) -> bool:
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
+
+    def op_args(self):
+        return self.top_k, self.top_p, self.min_p
+
+    def take(self, idx: Optional[torch.Tensor]) -> "Truncation":
+        pick = (lambda t: t if t is None or idx is None else t.index_select(0, idx))
+        return Truncation(pick(self.top_k), pick(self.top_p), pick(self.min_p))
+
+    def slice(self, lo: int, hi: int, rows: Optional[int] = None) -> "Truncation":
+        """Rows ``[lo, hi)``; with ``rows``, padded to that many rows with the neutral settings."""
+        def cut(t, neutral):
+            if t is None:
+                return None
+            t = t[lo:hi]
+            return t if rows is None or t.shape[0] >= rows else torch.cat([t, t.new_full((rows - t.shape[0],),
+                                                                                          neutral)])
+        return Truncation(cut(self.top_k, 0), cut(self.top_p, 1.0), cut(self.min_p, 0.0))
+
+
+def _keys(z: torch.Tensor) -> torch.Tensor:
+    """Integer keys ordered like the floats of ``z`` (fp32 -> int32 bits, fp64 -> int64), widened to int64."""
+    bits = z.view(torch.int32 if z.dtype == torch.float32 else torch.int64)
+    flip = torch.iinfo(bits.dtype).max
+    return torch.where(bits < 0, bits ^ flip, bits).to(torch.int64)
+
+
+def _select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor, iters: int) -> torch.Tensor:
+    """Per row, the largest key ``t`` with ``sum(weights[keys >= t]) >= target`` (counts when ``weights`` is None):
+    a bisection whose every step is one pass over the chunk."""
+    lo, hi = keys.amin(1), keys.amax(1) + 1
+    for _ in range(iters):
+        mid = lo + (hi - lo) // 2
+        above = keys >= mid[:, None]
+        mass = above.sum(1) if weights is None else (weights * above).sum(1)
+        ok = mass >= target
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return lo
+
+
+def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
+    """Set the tempered logits ``z`` ``[R, V]`` outside each row's kept set to ``-inf`` (in place) and return z.
+
+    vLLM v1's order: min-p on the tempered distribution (``p >= min_p * p_max``), then top-k (every logit at least
+    the k-th largest), then top-p on the distribution renormalised over what is left (the smallest set of the most
+    likely tokens whose mass reaches ``p``; the most likely token always stays). Ties at a threshold are kept.
+    """
+    rows, vocab = z.shape
+    iters = 33 if z.dtype == torch.float32 else 65
+    m = z.amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    floor = torch.full((rows, 1), float("-inf"), dtype=z.dtype, device=z.device)
+    if trunc.min_p is not None:
+        on = (trunc.min_p > 0)[:, None]
+        floor = torch.where(on, m + torch.log(trunc.min_p.to(z.dtype).clamp(min=1e-30))[:, None], floor)
+    if trunc.top_k is not None and bool(((trunc.top_k > 0) & (trunc.top_k < vocab)).any()):
+        keys = _keys(z)
+        at = _select(keys, None, trunc.top_k.clamp(min=1, max=vocab), iters)
+        kept = (keys >= at[:, None]) | ((trunc.top_k <= 0) | (trunc.top_k >= vocab))[:, None]
+        z.masked_fill_(~kept, float("-inf"))
+    z.masked_fill_(z < floor, float("-inf"))
+    if trunc.top_p is not None and bool((trunc.top_p < 1).any()):
+        keys = _keys(z)
+        w = torch.exp(z - m)  # 0 on the masked logits
+        target = trunc.top_p.to(z.dtype) * w.sum(1)
+        at = _select(keys, w, target, iters)
+        kept = (keys >= at[:, None]) | (trunc.top_p >= 1)[:, None]
+        z.masked_fill_(~kept, float("-inf"))
+    return z
+
+
+def truncated_coefficient(z: torch.Tensor, targets: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c = dL/dlogp`` with rows whose target lies outside the kept set zeroed: their log-prob is the constant
+    ``OUTSIDE_LOGP``, so it sends no gradient (the entropy's still flows)."""
+    outside = torch.isneginf(z.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1))
+    return torch.where(outside, torch.zeros_like(c), c)

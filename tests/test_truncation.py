@@ -1,0 +1,172 @@
+"""top_k / top_p / min_p: log-probs, entropy and gradients of the sampler's truncated distribution against the dense
+float64 reference that sorts and cumsums as vLLM does, under the tolerance model, through both backends; ties,
+k = 1, k >= V, p = 1, tiny p, min_p combined; targets outside the kept set; bad settings."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedpg
+from fusedpg.linear.reference import linear_logprob_entropy_reference
+from fusedpg.logits.reference import truncate_reference
+from fusedpg.truncation import OUTSIDE_LOGP, Truncation, truncate_
+from fusedpg.verification.tolerance import assert_close_to_truth
+
+N, H, V = 14, 16, 97
+GRID = {
+    "k1": dict(top_k=1), "k5": dict(top_k=5), "k>=V": dict(top_k=V + 3), "p1": dict(top_p=1.0),
+    "p0.7": dict(top_p=0.7), "tiny p": dict(top_p=1e-6), "min_p": dict(min_p=0.05),
+    "all three": dict(top_k=30, top_p=0.9, min_p=0.01), "per-row": "per-row",
+}
+
+
+def _inputs(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2
+    targets = torch.randint(0, V, (N,), generator=g)
+    # half the targets are the row's most likely token (inside every kept set), the rest random
+    best = (hidden @ weight.T).argmax(-1)
+    targets[::2] = best[::2]
+    targets[3] = -100
+    up = torch.randn(2, N, generator=g, dtype=torch.float64)
+    return hidden.to(dtype), weight.to(dtype), targets, up
+
+
+def _settings(name):
+    if GRID[name] != "per-row":
+        return GRID[name]
+    g = torch.Generator().manual_seed(9)
+    return dict(top_k=torch.randint(0, 12, (N,), generator=g), top_p=0.5 + 0.5 * torch.rand(N, generator=g),
+                min_p=0.02 * torch.rand(N, generator=g))
+
+
+def _run(fn, hidden, weight, targets, up, **kw):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = fn(h, w, targets, **kw)
+    (logp.double() * up[0] + ent.double() * up[1]).sum().backward()
+    return dict(logp=logp.detach(), entropy=ent.detach(), d_hidden=h.grad, d_weight=w.grad)
+
+
+def _reference(dtype, settings):
+    hidden, weight, targets, up = _inputs(torch.float64 if dtype == torch.float64 else torch.float32)
+    trunc = (settings.get("top_k"), settings.get("top_p"), settings.get("min_p"))
+    return _run(lambda h, w, y: linear_logprob_entropy_reference(
+        h, w, y, None, 0.8, dtype=None if dtype != torch.float64 else torch.float64, truncation=trunc),
+        hidden, weight, targets, up)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_linear_matches_the_vllm_style_reference(backend, name):
+    settings = _settings(name)
+    hidden, weight, targets, up = _inputs(torch.float32)
+    ours = _run(lambda h, w, y: fusedpg.linear_logprob_entropy(
+        h.to(backend.device), w.to(backend.device), y.to(backend.device), temperature=0.8, impl=backend.impl,
+        chunk_bytes=5 * V * 4, **{k: v.to(backend.device) if isinstance(v, torch.Tensor) else v
+                                  for k, v in settings.items()}),
+        hidden, weight, targets, up)
+    eager, truth = _reference(torch.float32, settings), _reference(torch.float64, settings)
+    for out in ours:
+        assert_close_to_truth(f"{name}.{out}", ours[out].cpu(), eager[out], truth[out], torch.float32)
+    assert torch.isfinite(ours["logp"]).all() and torch.isfinite(ours["d_hidden"]).all()
+
+
+@pytest.mark.parametrize("name", ["k5", "p0.7", "all three"])
+def test_logits_op_matches_the_reference(backend, name):
+    settings = _settings(name)
+    hidden, weight, targets, up = _inputs(torch.float64)
+    logits64 = hidden @ weight.T
+
+    def run(logits, fn):
+        x = logits.clone().requires_grad_()
+        logp, ent = fn(x)
+        (logp.double() * up[0] + ent.double() * up[1]).sum().backward()
+        return dict(logp=logp.detach(), entropy=ent.detach(), d_logits=x.grad)
+
+    trunc = (settings.get("top_k"), settings.get("top_p"), settings.get("min_p"))
+    ours = run(logits64.float().to(backend.device), lambda x: fusedpg.logprob_entropy(
+        x, targets.to(backend.device), temperature=0.8, impl=backend.impl, **settings))
+    from fusedpg.logits.reference import logprob_entropy_reference as ref
+
+    eager = run(logits64.float(), lambda x: ref(x, targets, 0.8, dtype=None, truncation=trunc))
+    truth = run(logits64, lambda x: ref(x, targets, 0.8, truncation=trunc))
+    for out in ours:
+        assert_close_to_truth(f"logits.{name}.{out}", ours[out].cpu(), eager[out], truth[out], torch.float32)
+
+
+def test_targets_outside_the_kept_set_get_the_floor_and_no_log_prob_gradient():
+    hidden, weight, targets, up = _inputs(torch.float32)
+    targets = (hidden @ weight.T).argmin(-1)  # the least likely token: outside any top-5
+    h = hidden.clone().requires_grad_()
+    logp, _ = fusedpg.linear_logprob_entropy(h, weight, targets, top_k=5, impl="torch")
+    assert torch.equal(logp, torch.full_like(logp, OUTSIDE_LOGP))
+    logp.sum().backward()
+    assert not h.grad.any()  # a constant floor: only the entropy would send gradient
+
+
+def test_ties_at_the_boundary_are_kept():
+    z = torch.tensor([[3.0, 3.0, 3.0, 1.0, 0.0], [2.0, 1.0, 1.0, 1.0, -1.0]])
+    kept = lambda **kw: (truncate_(z.clone(), Truncation(**{k: torch.tensor(v) for k, v in kw.items()})) >  # noqa
+                         float("-inf")).sum(1).tolist()
+    assert kept(top_k=[2, 2]) == [3, 4]  # every logit equal to the k-th largest stays, as in vLLM
+    # top-p: the boundary token's ties all stay (vLLM's sort keeps an arbitrary subset of them)
+    assert kept(top_p=[0.4, 0.5]) == [3, 4]
+    ref = (truncate_reference(z, top_k=2) > float("-inf")).sum(1).tolist()
+    assert ref == [3, 4]
+
+
+def test_deterministic_and_truncated_together_are_batch_invariant():
+    hidden, weight, targets, _ = _inputs(torch.float32)
+    alone, _ = fusedpg.linear_logprob_entropy(hidden[:1], weight, targets[:1], top_p=0.8, deterministic=True)
+    batch, _ = fusedpg.linear_logprob_entropy(hidden, weight, targets, top_p=0.8, deterministic=True,
+                                              chunk_bytes=3 * V * 4)
+    assert torch.equal(alone[0], batch[0])
+
+
+def test_fused_loss_reports_outside_kept_and_matches_the_composition():
+    hidden, weight, targets, _ = _inputs(torch.float32)
+    mask = torch.ones(1, N)
+    kw = dict(loss_type="grpo", top_k=10, top_p=0.9, impl="torch")
+    loss, metrics = fusedpg.fused_linear_pg_loss(hidden[None], weight, targets.clamp(min=0)[None], torch.ones(1),
+                                                 mask, old_logp=torch.full((1, N), -3.0), **kw)
+    logp, ent = fusedpg.linear_logprob_entropy(hidden, weight, targets.clamp(min=0), top_k=10, top_p=0.9)
+    want, _ = fusedpg.pg_loss(logp[None], torch.ones(1), mask, old_logp=torch.full((1, N), -3.0), entropy=ent[None],
+                              loss_type="grpo")
+    torch.testing.assert_close(loss, want)
+    assert float(metrics["outside_kept"]) == pytest.approx(float((logp <= OUTSIDE_LOGP).float().mean()))
+    assert "logp" not in metrics
+
+
+@pytest.mark.parametrize("kw,exc,words", [
+    (dict(top_k=-1), ValueError, "top_k must be >= 0"), (dict(top_p=0.0), ValueError, "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), ValueError, "top_p"), (dict(min_p=2.0), ValueError, "min_p must be in [0, 1]"),
+    (dict(top_k=2.5), TypeError, "top_k must be an int"), (dict(top_p=torch.ones(3)), ValueError, "shape (14,)"),
+])
+def test_bad_settings_name_the_argument(kw, exc, words):
+    hidden, weight, targets, _ = _inputs(torch.float32)
+    with pytest.raises(exc) as err:
+        fusedpg.linear_logprob_entropy(hidden, weight, targets, **kw)
+    assert words in str(err.value)
+
+
+def test_rollout_mismatch_metrics(backend):
+    """With rollout_logp the metrics carry the sampler/trainer gap over the loss tokens: mean and max
+    |logp - rollout_logp| and the k3 KL, the same from pg_loss and the fused loss."""
+    hidden, weight, targets, _ = _inputs(torch.float32)
+    y = targets.clamp(min=0)[None]
+    mask = torch.ones(1, N)
+    mask[0, 2] = 0
+    logp, _ = fusedpg.linear_logprob_entropy(hidden, weight, y[0])
+    rollout = (logp + 0.1 * torch.randn(N, generator=torch.Generator().manual_seed(3)))[None]
+    gap = (logp[None] - rollout)[mask > 0]
+    want = {"rollout_abs_diff": gap.abs().mean(), "rollout_abs_diff_max": gap.abs().max(),
+            "rollout_kl": (torch.expm1(gap) - gap).mean()}
+    _, ref = fusedpg.pg_loss(logp[None], torch.ones(1), mask, old_logp=logp[None], rollout_logp=rollout,
+                             loss_type="grpo")
+    dev = backend.device
+    _, fused = fusedpg.fused_linear_pg_loss(hidden[None].to(dev), weight.to(dev), y.to(dev), torch.ones(1).to(dev),
+                                            mask.to(dev), old_logp=logp[None].to(dev), rollout_logp=rollout.to(dev),
+                                            loss_type="grpo", impl=backend.impl)
+    for key, value in want.items():
+        torch.testing.assert_close(ref[key], value, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fused[key].cpu(), value, rtol=1e-4, atol=1e-6)
