@@ -58,7 +58,7 @@ its form is not run.
 {modes}
 
 Default run: on CPU, fp32: linear, logits and pg at 4096x1024x32000 (where ours must stay within 1.2x eager's time
-and 1/3 of its memory) and small shapes of every case, about 7 minutes on 2 cores; --quick: small shapes only,
+and 1/3 of its memory) and small shapes of every case, about 9 minutes on 2 cores; --quick: small shapes only,
 about 2 minutes. On CUDA, bf16 at LLM-sized shapes.
 
 Output folder (--out; default here: {default_out()}):

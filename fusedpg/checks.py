@@ -104,7 +104,17 @@ def optional_bias(bias: Optional[torch.Tensor], weight: torch.Tensor) -> None:
     same_dtype("bias", bias, "weight", weight)
 
 
-def linear_inputs(hidden, weight, targets, bias) -> None:
+def _targets_shape(targets, lead, what: str, multi: bool) -> None:
+    """targets of the leading shape ``lead``; with ``multi`` also ``lead + (K,)``: K targets per position."""
+    if tuple(targets.shape) == tuple(lead):
+        return
+    if multi and targets.dim() == len(lead) + 1 and tuple(targets.shape[:-1]) == tuple(lead) and targets.shape[-1]:
+        return
+    also = f" or {tuple(lead) + ('K',)} (K targets per position)" if multi else ""
+    raise ValueError(f"targets must have {what}'s leading shape {tuple(lead)}{also}, got {_describe(targets)}")
+
+
+def linear_inputs(hidden, weight, targets, bias, multi: bool = False) -> None:
     floating("hidden", hidden)
     floating("weight", weight)
     integer("targets", targets)
@@ -121,14 +131,11 @@ def linear_inputs(hidden, weight, targets, bias) -> None:
     same_device("weight", weight, "hidden", hidden)
     same_dtype("weight", weight, "hidden", hidden)
     same_device("targets", targets, "hidden", hidden)
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {_describe(targets)}"
-        )
+    _targets_shape(targets, hidden.shape[:-1], "hidden", multi)
     optional_bias(bias, weight)
 
 
-def logits_inputs(logits, targets) -> None:
+def logits_inputs(logits, targets, multi: bool = False) -> None:
     floating("logits", logits)
     integer("targets", targets)
     if logits.dim() < 2:
@@ -136,10 +143,7 @@ def logits_inputs(logits, targets) -> None:
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary (V >= 1), got {_describe(logits)}")
     same_device("targets", targets, "logits", logits)
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"targets must have logits' leading shape {tuple(logits.shape[:-1])}, got {_describe(targets)}"
-        )
+    _targets_shape(targets, logits.shape[:-1], "logits", multi)
 
 
 def chunk_bytes(value) -> int:

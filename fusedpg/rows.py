@@ -7,7 +7,7 @@ import torch
 
 
 class Rows:
-    """The non-ignored rows of a flattened ``[N]`` target vector.
+    """The non-ignored rows of a flattened ``[N]`` target vector (or ``[N, K]``: rows with any kept target).
 
     ``idx`` is None when every row is kept (then no gather or scatter happens). Building it is one
     ``nonzero``, which on CUDA synchronises with the host.
@@ -16,6 +16,8 @@ class Rows:
     def __init__(self, targets: torch.Tensor, ignore_index: int):
         self.n = targets.shape[0]
         valid = targets != ignore_index
+        if valid.dim() == 2:  # several targets per row: a row is kept while one of them is
+            valid = valid.any(1)
         idx = valid.nonzero().squeeze(1)
         self.count = idx.numel()
         self.idx: Optional[torch.Tensor] = None if self.count == self.n else idx

@@ -18,7 +18,8 @@ SHIFT_FLOOR = -1.0e4
 def softmax_stats(
     z: torch.Tensor, targets: torch.Tensor, compute_entropy: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z ``[R, V]`` (overwritten), targets ``[R]`` -> (logp, entropy, m, log_s), each ``[R]``.
+    """z ``[R, V]`` (overwritten), targets ``[R]`` -> (logp, entropy, m, log_s), each ``[R]``; targets ``[R, K]``
+    (several per row, statistics computed once) give logp ``[R, K]``.
 
     Equivalent to ``lse = z.logsumexp(-1); logp = z.gather(targets) - lse; H = lse - (softmax(z) * z).sum(-1)``,
     with ``lse = m + log_s`` kept as its two parts: at logits of 1e4 a rounded lse would cost 1e-3 of accuracy in
@@ -26,14 +27,17 @@ def softmax_stats(
     ``logp = log_s = -inf`` and ``H = 0``. A negative target (its column lies in another vocabulary shard, see
     ``fusedpg/vocab_parallel``) gives a meaningless logp and the rest as usual.
     """
-    zy = z.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    multi = targets.dim() == 2
+    zy = z.gather(1, _columns(targets))
     m = z.amax(1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z.sub_(m.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)
     e = torch.exp(z)
     s = e.sum(1)
     log_s = torch.log(s)
-    logp = torch.where(s > 0, (zy - m) - log_s, log_s)  # an all -inf row: log_s = -inf; zy - m would be NaN
+    # an all -inf row: log_s = -inf; zy - m would be NaN
+    logp = torch.where(s[:, None] > 0, (zy - m[:, None]) - log_s[:, None], log_s[:, None])
+    logp = logp if multi else logp.squeeze(1)
     if compute_entropy:
         q = torch.linalg.vecdot(e, z)  # sum_v e_v (z_v - m): relative to the max, so no cancellation
         entropy = torch.where(s > 0, log_s - q / s, torch.zeros_like(s))
@@ -57,14 +61,16 @@ def softmax_grad_(
     ``g_v = (c (1[v = y] - p_v) - d p_v (log p_v + H)) / T`` with ``log p = (z - m) - log_s``; ``d=None`` skips
     the entropy term; ``m=None`` when z already holds ``z - m``. c, d, m, log_s, entropy are ``[R]``;
     temperature a ``Temperature`` of the chunk's rows. A negative target has no ``1[v = y]`` term (its column lies in
-    another vocabulary shard).
+    another vocabulary shard). Several targets per row: targets and c ``[R, K]``, and the ``p_v`` term takes the
+    row's ``sum_k c_k``.
     """
     # An all -inf row (log_s = -inf) has no gradient: shift it by +inf so every p is 0, and drop its c.
     dead = torch.isneginf(log_s)
     log_s = torch.where(dead, torch.full_like(log_s, float("inf")), log_s)
-    c = torch.where(dead, torch.zeros_like(c), c)
+    per_target = (c if c.dim() == 2 else c.unsqueeze(1)).masked_fill(dead.unsqueeze(1), 0.0)
     # 1/T is folded into the per-row coefficients, which saves a pass over the [R, V] chunk.
-    c, d = temperature.scale(c), None if d is None else temperature.scale(d)
+    per_target = temperature.scale(per_target)
+    c, d = per_target.sum(1), None if d is None else temperature.scale(d)
     if m is not None:
         z.sub_(m.unsqueeze(1))
     z.sub_(log_s.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)  # log p
@@ -74,8 +80,14 @@ def softmax_grad_(
     else:
         # -(c + d (log p + H)) = (-d) log p - (c + d H): two passes over the chunk, then one product with p
         g = p.mul_(z.mul_(-d.unsqueeze(1)).sub_((c + d * entropy).unsqueeze(1)))
-    here = targets >= 0
-    return g.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), torch.where(here, c, torch.zeros_like(c)).unsqueeze(1))
+    here = (targets if targets.dim() == 2 else targets.unsqueeze(1)) >= 0
+    return g.scatter_add_(1, _columns(targets), per_target.masked_fill(~here, 0.0))
+
+
+def _columns(targets: torch.Tensor) -> torch.Tensor:
+    """``[R, K]`` gather / scatter indices of the targets (a negative one, in another shard, reads column 0)."""
+    idx = targets.clamp(min=0)
+    return idx if idx.dim() == 2 else idx.unsqueeze(1)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

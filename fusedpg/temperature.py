@@ -48,9 +48,10 @@ class Temperature:
         return z if self.value == 1.0 else z.div_(self.value)
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """``x / T`` for per-row coefficients ``[rows]``."""
+        """``x / T`` for per-row coefficients ``[rows]`` (or ``[rows, K]``)."""
         if self.rows is not None:
-            return x * (1.0 / self.rows.to(x.dtype))
+            inv = 1.0 / self.rows.to(x.dtype)
+            return x * (inv if x.dim() == 1 else inv.reshape(-1, *([1] * (x.dim() - 1))))
         return x if self.value == 1.0 else x / self.value
 
     def kernel_arg(self, device: torch.device) -> Tuple[torch.Tensor, int]:

@@ -103,5 +103,6 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
 def truncated_coefficient(z: torch.Tensor, targets: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``c = dL/dlogp`` with rows whose target lies outside the kept set zeroed: their log-prob is the constant
     ``OUTSIDE_LOGP``, so it sends no gradient (the entropy's still flows)."""
-    outside = torch.isneginf(z.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1))
-    return torch.where(outside, torch.zeros_like(c), c)
+    idx = targets.clamp(min=0)
+    outside = torch.isneginf(z.gather(1, idx if idx.dim() == 2 else idx.unsqueeze(1)))
+    return c.masked_fill(outside if c.dim() == 2 else outside.squeeze(1), 0.0)

@@ -81,8 +81,8 @@ def test_targets_leading_shape_mismatch_3d_linear():
 
 def test_targets_leading_shape_mismatch_logits():
     h, w, y = _inputs()
-    with _raises(ValueError, "targets", "logits", value=(N, 1)):
-        fusedpg.logprob_entropy(h @ w.T, y[:, None])
+    with _raises(ValueError, "targets", "logits", value=(N - 1,)):  # ([N, 1] is K = 1 target per row, valid)
+        fusedpg.logprob_entropy(h @ w.T, y[:-1])
 
 
 @pytest.mark.parametrize("shape", [(H,), (1, 2, 3, H)])

@@ -40,7 +40,9 @@ def linear_logprob_entropy(
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]``, bf16 / fp16 / fp32 (fp64 runs on the torch plan, for gradcheck).
         weight: ``[V, H]``, same dtype and device as hidden.
-        targets: integer tensor of hidden's leading shape; ``ignore_index`` rows give 0 and no gradient.
+        targets: integer tensor of hidden's leading shape; ``ignore_index`` rows give 0 and no gradient. Or
+            ``[..., K]``: K targets per position (a teacher's top-k ids, OTR candidates), logp ``[..., K]`` from one
+            pass (the statistics are shared), ``ignore_index`` per target, the entropy once per position.
         bias: optional ``[V]``.
         temperature: positive float, or a tensor of hidden's leading shape (per-token temperature; no gradient).
         compute_entropy: if False, entropy is returned as zeros without gradient and its work is skipped.
@@ -81,11 +83,13 @@ def linear_logprob_entropy(
             ignore_index=ignore_index, compute_entropy=compute_entropy, check_targets=check_targets, impl=impl,
             chunk_bytes=chunk_bytes, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
             deterministic=LogProbOptions.default_deterministic(deterministic))
-    checks.linear_inputs(hidden, weight, targets, bias)
+    checks.linear_inputs(hidden, weight, targets, bias, multi=True)
     lead = hidden.shape[:-1]
+    multi = targets.dim() == hidden.dim()
     temp = checks.temperature(temperature, lead, hidden.device)
     if checks.finite_enabled(check_finite):
-        for name, x, used in (("hidden", hidden, targets != ignore_index), ("weight", weight, None),
+        rows = (targets != ignore_index).any(-1) if multi else targets != ignore_index
+        for name, x, used in (("hidden", hidden, rows), ("weight", weight, None),
                               ("bias", bias, None)):
             checks.finite(name, x, used)
     if check_targets is None:
@@ -100,9 +104,10 @@ def linear_logprob_entropy(
         ent = ent if compute_entropy else torch.zeros_like(ent).detach()
         return logp.float(), ent.float()
     logp, ent, _, _ = linear_logprob_entropy_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), *temp.op_args(), int(ignore_index),
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+        targets.reshape(-1, targets.shape[-1]) if multi else targets.reshape(-1), *temp.op_args(), int(ignore_index),
         bool(compute_entropy), bool(check_targets), impl, checks.chunk_bytes(chunk_bytes),
         LogProbOptions.default_deterministic(deterministic), *trunc.op_args())
     if not compute_entropy:
         ent = ent.detach()
-    return logp.reshape(lead), ent.reshape(lead)
+    return logp.reshape(targets.shape), ent.reshape(lead)

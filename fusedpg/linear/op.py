@@ -46,22 +46,36 @@ def linear_logprob_entropy_op(
     rows = Rows(targets, ignore_index)
     if rows.count == 0:
         z = torch.zeros(n, dtype=out, device=hidden.device)
-        return z, z.clone(), z.clone(), z.clone()
+        return torch.zeros(targets.shape, dtype=out, device=hidden.device), z, z.clone(), z.clone()
     opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                    deterministic=deterministic)
     trunc = Truncation(top_k, top_p, min_p)
-    if trunc.active:  # the threshold search runs on the torch plan's chunk buffer, on any device
-        stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts,
+    kept, y = _per_target(targets, ignore_index)
+    if trunc.active or kept is not None:  # thresholds and several targets: the torch plan, on any device
+        stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx), opts,
                                    trunc.take(rows.idx))
-        stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
+        logp = torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]) if trunc.active else stats[0]
+        stats = (logp if kept is None else logp.masked_fill(~rows.take(kept), 0.0),) + tuple(stats[1:])
     else:
         stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts)
     return tuple(rows.scatter(x.to(out)) for x in stats)
 
 
-def stats_like(hidden: torch.Tensor, *_):
-    """Fake (logp, entropy, m, log_s): ``[N]`` at the working precision (for this op and the ops built on it)."""
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype)) for _ in range(4))
+def _per_target(targets: torch.Tensor, ignore_index: int):
+    """(kept, targets) for ``[N, K]`` targets: which are kept, and -1 (no one-hot term) where one is ignored;
+    (None, targets) for ``[N]``."""
+    if targets.dim() == 1:
+        return None, targets
+    kept = targets != ignore_index
+    return kept, torch.where(kept, targets, torch.full_like(targets, -1))
+
+
+def stats_like(hidden: torch.Tensor, weight, bias, targets: torch.Tensor, *_):
+    """Fake (logp, entropy, m, log_s): logp of the targets' shape, the rest ``[N]``, at the working precision (for
+    this op and the ops built on it)."""
+    dtype = compute_dtype(hidden.dtype)
+    return (hidden.new_empty(targets.shape, dtype=dtype),) + tuple(
+        hidden.new_empty(hidden.shape[0], dtype=dtype) for _ in range(3))
 
 
 def grads_like(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool) -> List[torch.Tensor]:
@@ -89,12 +103,14 @@ def linear_logprob_entropy_backward_op(
     if rows.count == 0 or (grad_logp is None and d is None):
         grads = (None, None, None)
     else:
-        c = grad_logp if grad_logp is not None else torch.zeros_like(m)
+        kept, y = _per_target(targets, ignore_index)
+        c = grad_logp if grad_logp is not None else torch.zeros(targets.shape, dtype=m.dtype, device=m.device)
+        c = c if kept is None else c.masked_fill(~kept, 0.0)
         opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                        deterministic=deterministic)
         trunc = Truncation(top_k, top_p, min_p)
-        grads = (plan_torch if trunc.active else _plan(impl)).backward(
-            rows.take(hidden), weight, bias, rows.take(targets), Temperature.of(temp_rows, temp_value).take(rows.idx),
+        grads = (plan_torch if trunc.active or kept is not None else _plan(impl)).backward(
+            rows.take(hidden), weight, bias, rows.take(y), Temperature.of(temp_rows, temp_value).take(rows.idx),
             rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
             opts, needs, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
     out = []

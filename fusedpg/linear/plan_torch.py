@@ -40,12 +40,13 @@ def forward(
     opts: LogProbOptions,
     trunc: Truncation = Truncation(),
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``; with an
+    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` (or ``[N, K]``: logp ``[N, K]``) -> (logp, entropy,
+    m, log_s), each ``[N]``; with an
     active ``trunc``, those of the truncated distribution (``-inf`` log-prob for a target outside it)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
     w, b = compute_head(weight, bias, work)
-    outs = [torch.empty(n, dtype=work, device=hidden.device) for _ in range(4)]
+    outs = [torch.empty(targets.shape if i == 0 else n, dtype=work, device=hidden.device) for i in range(4)]
     step, take = fixed_rows.chunking(opts.deterministic, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize),
                                      hidden.device)
     for lo in range(0, n, step):

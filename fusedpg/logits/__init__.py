@@ -35,7 +35,8 @@ def logprob_entropy(
 
     Args:
         logits: ``[N, V]`` or ``[B, T, V]``, bf16 / fp16 / fp32. Read once in the forward.
-        targets: integer tensor of the leading shape; ``ignore_index`` rows give 0 and no gradient.
+        targets: integer tensor of the leading shape; ``ignore_index`` rows give 0 and no gradient. Or ``[..., K]``:
+            K log-probs per position from one pass, as in :func:`fusedpg.linear_logprob_entropy`.
         temperature: positive float or a tensor of the leading shape (no gradient).
         inplace_backward: write the logits gradient into the logits buffer (saves one N x V tensor; the caller's
             logits are overwritten during backward, so do not reuse them afterwards).
@@ -53,12 +54,14 @@ def logprob_entropy(
         logp = z.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
-    checks.logits_inputs(logits, targets)
+    checks.logits_inputs(logits, targets, multi=True)
+    multi = targets.dim() == logits.dim()
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     temp = checks.temperature(temperature, lead, logits.device)
     if checks.finite_enabled(check_finite):
         # -inf columns are banned tokens (a sampler's mask), not bugs
-        checks.finite("logits", logits.masked_fill(logits == float("-inf"), 0), targets != ignore_index)
+        rows = (targets != ignore_index).any(-1) if multi else targets != ignore_index
+        checks.finite("logits", logits.masked_fill(logits == float("-inf"), 0), rows)
     if check_targets is None:
         check_targets = LogProbOptions.default_check_targets()
     impl = resolve_impl(impl, logits.device)
@@ -73,9 +76,10 @@ def logprob_entropy(
     if inplace_backward and not logits.is_contiguous():
         raise ValueError("logits must be contiguous when inplace_backward=True, got a non-contiguous tensor")
     logp, ent, _, _ = logprob_entropy_op(
-        logits.reshape(-1, vocab), targets.reshape(-1), *temp.op_args(), int(ignore_index), bool(compute_entropy),
+        logits.reshape(-1, vocab), targets.reshape(-1, targets.shape[-1]) if multi else targets.reshape(-1),
+        *temp.op_args(), int(ignore_index), bool(compute_entropy),
         bool(check_targets), impl, checks.chunk_bytes(chunk_bytes), bool(inplace_backward),
         LogProbOptions.default_deterministic(deterministic), *trunc.op_args())
     if not compute_entropy:
         ent = ent.detach()
-    return logp.reshape(lead), ent.reshape(lead)
+    return logp.reshape(targets.shape), ent.reshape(lead)

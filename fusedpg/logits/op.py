@@ -33,8 +33,10 @@ def _opts(ignore_index: int, compute_entropy: bool, chunk_bytes: int, inplace: b
 
 
 def _valid_targets(targets: torch.Tensor, ignore_index: int):
+    """(targets with ignored ones replaced, valid): 0 for ``[N]`` targets (their c is zeroed), -1 (no one-hot term)
+    for ``[N, K]`` targets, whose rows may keep other targets."""
     valid = targets != ignore_index
-    return torch.where(valid, targets, torch.zeros_like(targets)), valid
+    return torch.where(valid, targets, torch.full_like(targets, -1 if targets.dim() == 2 else 0)), valid
 
 
 @torch.library.custom_op("fusedpg::logprob_entropy", mutates_args=())
@@ -52,9 +54,11 @@ def logprob_entropy_op(
     out = compute_dtype(logits.dtype)
     opts = _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic)
     trunc = Truncation(top_k, top_p, min_p)
-    if trunc.active:  # the threshold search runs on the torch plan's chunk buffer, on any device
+    if trunc.active or targets.dim() == 2:  # thresholds and several targets: the torch plan, on any device
         stats = plan_torch.forward(logits, y, valid, temp, opts, trunc)
-        stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
+        if trunc.active:
+            logp = torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0])
+            stats = (torch.where(valid, logp, torch.zeros_like(logp)),) + tuple(stats[1:])
     else:
         stats = _plan(impl).forward(logits, y, valid, temp, opts)
     return tuple(x.to(out) for x in stats)
@@ -63,7 +67,9 @@ def logprob_entropy_op(
 @logprob_entropy_op.register_fake
 def _(logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, check_targets, impl, chunk_bytes,
       inplace, deterministic, top_k, top_p, min_p):
-    return tuple(logits.new_empty(logits.shape[0], dtype=compute_dtype(logits.dtype)) for _ in range(4))
+    dtype = compute_dtype(logits.dtype)
+    return (logits.new_empty(targets.shape, dtype=dtype),) + tuple(
+        logits.new_empty(logits.shape[0], dtype=dtype) for _ in range(3))
 
 
 def _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
@@ -72,7 +78,7 @@ def _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, lo
     c = grad_logp if grad_logp is not None else torch.zeros_like(m)
     d = grad_entropy if compute_entropy else None
     trunc = Truncation(top_k, top_p, min_p)
-    return (plan_torch if trunc.active else _plan(impl)).backward(
+    return (plan_torch if trunc.active or targets.dim() == 2 else _plan(impl)).backward(
         logits, y, valid, Temperature.of(temp_rows, temp_value), m, log_s, entropy, c, d,
         _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic),
         **({"trunc": trunc} if trunc.active else {}))

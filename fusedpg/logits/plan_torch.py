@@ -29,7 +29,7 @@ def forward(
     """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` bool -> (logp, entropy, m, log_s), each ``[N]``."""
     n, vocab = logits.shape
     work = compute_dtype(logits.dtype)
-    outs = [torch.empty(n, dtype=work, device=logits.device) for _ in range(4)]
+    outs = [torch.empty(targets.shape if i == 0 else n, dtype=work, device=logits.device) for i in range(4)]
     step, take = fixed_rows.chunking(opts.deterministic, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize),
                                      logits.device)
     for lo in range(0, n, step):
@@ -40,7 +40,8 @@ def forward(
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     zero = torch.zeros((), dtype=work, device=logits.device)
-    return torch.where(valid, outs[0], zero), torch.where(valid, outs[1], zero), outs[2], outs[3]
+    rows = valid.any(1) if valid.dim() == 2 else valid
+    return torch.where(valid, outs[0], zero), torch.where(rows, outs[1], zero), outs[2], outs[3]
 
 
 def backward(
@@ -62,7 +63,7 @@ def backward(
     out = logits if opts.inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     zero = torch.zeros((), dtype=work, device=logits.device)
     c = torch.where(valid, c.to(work), zero)
-    d = None if d is None else torch.where(valid, d.to(work), zero)
+    d = None if d is None else torch.where(valid.any(1) if valid.dim() == 2 else valid, d.to(work), zero)
     step, take = fixed_rows.chunking(opts.deterministic, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize),
                                      logits.device)
     for lo in range(0, n, step):

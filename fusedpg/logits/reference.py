@@ -37,8 +37,10 @@ def logprob_entropy_reference(
     if truncation is not None:
         z = truncate_reference(z, *truncation)
     valid = targets != ignore_index
+    multi = targets.dim() == z.dim()  # [..., K] targets: K log-probs per position, one entropy
     logsm = torch.log_softmax(z, dim=-1)
-    logp = logsm.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    idx = torch.where(valid, targets, 0).long()
+    logp = logsm.gather(-1, idx) if multi else logsm.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     p = logsm.exp()
     # p * log p is 0 where p == 0 (-inf logit columns); mask log p first so its gradient stays finite too.
     safe = torch.where(p > 0, logsm, torch.zeros((), dtype=work, device=z.device))
@@ -46,7 +48,7 @@ def logprob_entropy_reference(
     zero = torch.zeros((), dtype=work, device=z.device)
     if truncation is not None:  # a target outside the kept set: the documented finite floor, no gradient
         logp = torch.where(torch.isneginf(logp), torch.full_like(logp, OUTSIDE_LOGP), logp)
-    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    return torch.where(valid, logp, zero), torch.where(valid.any(-1) if multi else valid, entropy, zero)
 
 
 def _per_row(value, rows: int, like: torch.Tensor):

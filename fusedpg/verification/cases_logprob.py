@@ -51,6 +51,7 @@ class LinearCase:
     grads: tuple = ("hidden", "weight", "bias")
     compute_entropy: bool = True
     target_mode: str = "random"
+    k: int = 0  # > 0: K targets per row (``[n, K]``, a few of them ignored)
 
 
 def make_linear_inputs(case: LinearCase, device="cpu") -> Dict[str, object]:
@@ -75,13 +76,17 @@ def make_linear_inputs(case: LinearCase, device="cpu") -> Dict[str, object]:
     elif case.target_mode != "random":
         raise ValueError(f"target_mode must be 'random' or 'edges', got {case.target_mode!r}")
     targets[torch.rand(case.n, generator=g) < case.ignore_frac] = -100
+    if case.k:  # K targets per row: the first column as drawn above, the rest random, a few ignored
+        extra = torch.randint(0, case.v, (case.n, case.k - 1), generator=g)
+        extra[torch.rand(case.n, case.k - 1, generator=g) < case.ignore_frac] = -100
+        targets = torch.cat([targets[:, None], extra], 1)
     if case.temperature == "per-token":
         temperature = torch.rand(case.n, generator=g, dtype=torch.float64) * 1.5 + 0.25
     elif case.temperature == "tensor":
         temperature = torch.rand(1, generator=g, dtype=torch.float64) * 1.5 + 0.25
     else:
         temperature = float(case.temperature)
-    grad_logp = torch.randn(case.n, generator=g, dtype=torch.float64) if case.logp_grad else None
+    grad_logp = torch.randn(targets.shape, generator=g, dtype=torch.float64) if case.logp_grad else None
     grad_ent = torch.randn(case.n, generator=g, dtype=torch.float64) if case.entropy_grad else None
     if case.batch > 1:
         if case.n % case.batch:

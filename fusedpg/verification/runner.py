@@ -43,6 +43,8 @@ def _primitive_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Compa
         ("linear_logprob_entropy[det]", lambda c: check_linear(c, impl=impl, device=device, op=_deterministic)),
         ("logprob_entropy[det]", lambda c: check_logits(c, impl=impl, device=device, deterministic=True)),
         ("linear_logprob_entropy[trunc]", lambda c: check_linear(c, impl=impl, device=device, truncation=_TRUNC)),
+        ("linear_logprob_entropy[K=3]", lambda c: check_linear(LinearCase(**{**c.__dict__, "k": 3, "batch": 1}),
+                                                               impl=impl, device=device)),
     )
     for op, check in checks:
         for dtype in dtypes:
