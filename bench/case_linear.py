@@ -58,6 +58,12 @@ def _ours_det(inp: Inputs, shape: Shape):
     return lambda: (fusedpg.linear_logprob_entropy(h, w, y, deterministic=True), grads)
 
 
+def _ours_low(inp: Inputs, shape: Shape):
+    h, w, y = inp["hidden"], inp["weight"], inp["targets"]
+    grads = (inp["g_logp"], inp["g_entropy"])
+    return lambda: (fusedpg.linear_logprob_entropy(h, w, y, memory="low"), grads)
+
+
 def small_on_cpu(shape, device):
     """The deterministic mode's cost is measured where a CPU run stays short (every shape on CUDA)."""
     if device == "cpu" and shape.n * shape.v > 1024 * 8192:
@@ -141,6 +147,7 @@ CASE = register_case(Case(
     flops=flops,
     impls=(
         Impl("ours", _ours, role="ours"),
+        Impl("ours-low", _ours_low, note='memory="low": vocabulary-blocked backward', opt_in=("cpu",)),
         Impl("ours-det", _ours_det, note="deterministic=True: batch-invariant rows", applies=small_on_cpu),
         Impl("eager", _eager, role="baseline", note="materialised logits, upcast, log_softmax, gather, entropy"),
         Impl("floor", _floor, role="floor", devices=("cuda",), opt_in=("cpu",),

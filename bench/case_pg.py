@@ -139,6 +139,11 @@ def _ours(inp: Inputs, shape: PGShape):
     return lambda: ((fusedpg.fused_linear_pg_loss(*args, **kw)[0],), (one,))
 
 
+def _ours_low(inp: Inputs, shape: PGShape):
+    args, kw, one = _args(inp), _kwargs(inp, shape.loss), inp["one"]
+    return lambda: ((fusedpg.fused_linear_pg_loss(*args, memory="low", **kw)[0],), (one,))
+
+
 def _eager_fn(h, w, y, adv, mask, old, ref, loss):
     return fused_linear_pg_loss_reference(h, w, y, adv, mask, dtype=None, old_logp=old, ref_logp=ref,
                                           loss_type=loss, **OURS_KW[loss])[0]
@@ -214,6 +219,7 @@ CASE = register_case(Case(
     },
     impls=(
         Impl("ours", _ours, role="ours"),
+        Impl("ours-low", _ours_low, note='memory="low": vocabulary-blocked backward', opt_in=("cpu",)),
         Impl("eager", _eager, role="baseline", note="materialised logits, upcast, log_softmax, pg_loss"),
         Impl("floor", _floor, role="floor", devices=("cuda",), opt_in=("cpu",),
              note="3 GEMMs of the LM head (logits, d_hidden, d_weight); no softmax, no loss"),

@@ -34,6 +34,7 @@ def linear_logprob_entropy(
     top_k: Union[int, torch.Tensor, None] = None,
     top_p: Union[float, torch.Tensor, None] = None,
     min_p: Union[float, torch.Tensor, None] = None,
+    memory: str = "default",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
 
@@ -63,6 +64,8 @@ def linear_logprob_entropy(
             number, or a tensor of hidden's leading shape); exact gradients of the renormalised kept set. A target
             outside the kept set gets ``fusedpg.truncation.OUTSIDE_LOGP`` (finite). Runs the chunked torch plan
             on any device. See fusedpg/linear/README.md#truncated-sampling.
+        memory: ``"default"`` or ``"low"``: the backward blocked over the vocabulary, with no ``[V, H]`` fp32
+            accumulator (d_weight written once in the weight's dtype); see fusedpg/linear/README.md#low-memory-plan.
 
     Returns:
         ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
@@ -96,6 +99,8 @@ def linear_logprob_entropy(
         check_targets = LogProbOptions.default_check_targets()
     impl = resolve_impl(impl, hidden.device)
     trunc = checks.truncation(top_k, top_p, min_p, lead, hidden.device)
+    deterministic = LogProbOptions.default_deterministic(deterministic)
+    low = checks.memory_mode(memory, deterministic=deterministic, truncated=trunc.active)
     if impl == "reference":
         if check_targets:
             checks.targets_in_range(targets, weight.shape[0], ignore_index)
@@ -107,7 +112,7 @@ def linear_logprob_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias,
         targets.reshape(-1, targets.shape[-1]) if multi else targets.reshape(-1), *temp.op_args(), int(ignore_index),
         bool(compute_entropy), bool(check_targets), impl, checks.chunk_bytes(chunk_bytes),
-        LogProbOptions.default_deterministic(deterministic), *trunc.op_args())
+        deterministic, *trunc.op_args(), low)
     if not compute_entropy:
         ent = ent.detach()
     return logp.reshape(targets.shape), ent.reshape(lead)

@@ -32,7 +32,7 @@ def linear_logprob_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     temp_rows: Optional[torch.Tensor], temp_value: float, ignore_index: int, compute_entropy: bool,
     check_targets: bool, impl: str, chunk_bytes: int, deterministic: bool, top_k: Optional[torch.Tensor],
-    top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
+    top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor], low_memory: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32
     (fp64 for fp64 hidden); ignored rows are 0. top_k / top_p / min_p: per-row ``[N]`` truncation of the sampling
@@ -95,6 +95,7 @@ def linear_logprob_entropy_backward_op(
     temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int,
     compute_entropy: bool, impl: str, chunk_bytes: int, deterministic: bool, need_hidden: bool, need_weight: bool,
     need_bias: bool, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
+    low_memory: bool = False,
 ) -> List[torch.Tensor]:
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes; a gradient that is not needed is an empty tensor."""
     needs = (need_hidden, need_weight, need_bias and bias is not None)
@@ -109,10 +110,14 @@ def linear_logprob_entropy_backward_op(
         opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                        deterministic=deterministic)
         trunc = Truncation(top_k, top_p, min_p)
-        grads = (plan_torch if trunc.active or kept is not None else _plan(impl)).backward(
-            rows.take(hidden), weight, bias, rows.take(y), Temperature.of(temp_rows, temp_value).take(rows.idx),
-            rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
-            opts, needs, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
+        args = (rows.take(hidden), weight, bias, rows.take(y), Temperature.of(temp_rows, temp_value).take(rows.idx),
+                rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
+                opts, needs)
+        if low_memory:  # blocked over the vocabulary: torch GEMMs on any device (fusedpg/linear/README.md)
+            grads = plan_torch.backward_vocab_blocked(*args)
+        else:
+            grads = (plan_torch if trunc.active or kept is not None else _plan(impl)).backward(
+                *args, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (True, False, False)):
         if not need:
@@ -127,29 +132,29 @@ def linear_logprob_entropy_backward_op(
 @linear_logprob_entropy_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
       ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, top_k,
-      top_p, min_p):
+      top_p, min_p, low_memory=False):
     return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):
     hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, \
-        deterministic, top_k, top_p, min_p = inputs
+        deterministic, top_k, top_p, min_p, low_memory = inputs
     _, entropy, m, log_s = output
     ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
     ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p)
-    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic)
+    ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic, low_memory)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
     hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p = ctx.saved_tensors
-    temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic = ctx.args
+    temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic, low_memory = ctx.args
     need = ctx.needs_input_grad
     need_b = bias is not None and need[2]
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
         ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need[0], need[1], need_b, top_k, top_p,
-        min_p)
-    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 12
+        min_p, low_memory)
+    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 13
 
 
 linear_logprob_entropy_op.register_autograd(_backward, setup_context=_setup)

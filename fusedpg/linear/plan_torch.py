@@ -114,3 +114,42 @@ def backward(
 
 def _rows_of(trunc: Truncation, lo: int, hi: int, step: int, opts: LogProbOptions) -> Truncation:
     return trunc.slice(lo, hi, step if opts.deterministic else None)
+
+
+def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, log_s, entropy, c, d,
+                           opts: LogProbOptions, needs: Tuple[bool, bool, bool]):
+    """The low-memory backward (``memory="low"``): blocked over the vocabulary instead of the rows.
+
+    For each block of columns it recomputes that block's logits for every row, forms dL/du from the saved row
+    statistics, writes the block's d_weight rows once in the weight's dtype (the sum over all N rows runs inside one
+    fp32 GEMM) and adds the block's part of d_hidden into an ``[N, H]`` accumulator (fp32; fp64 for fp32 inputs).
+    Extra memory: the ``[N, block]`` buffer and that accumulator; never a ``[V, H]`` fp32 accumulator or a
+    full-precision copy of the head.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    work = compute_dtype(hidden.dtype)
+    need_h, need_w, need_b = needs
+    h = hidden if hidden.dtype == work else hidden.to(work)
+    # d_hidden sums one partial per vocabulary block: fp32 for half-precision inputs, fp64 for fp32 ones, whose
+    # result must stay as accurate as one GEMM over the whole vocabulary (the tolerance model's eager reference)
+    acc = torch.float64 if work == torch.float32 else work if work == torch.float64 else torch.float32
+    dh = torch.zeros((n, hidden.shape[1]), dtype=acc, device=hidden.device) if need_h else None
+    dw = torch.empty_like(weight) if need_w else None
+    db = torch.empty(vocab, dtype=bias.dtype, device=bias.device) if need_b else None
+    c, d = c.to(work), (None if d is None else d.to(work))
+    # at least 256 columns a block: narrower blocks only add partial sums (rounding) and per-call overhead
+    cols = max(256, opts.chunk_bytes // max(1, n * work.itemsize))
+    for lo in range(0, vocab, cols):
+        hi = min(vocab, lo + cols)
+        w_block, b_block = compute_head(weight[lo:hi], None if bias is None else bias[lo:hi], work)
+        z = tempered_logits(h, w_block, b_block, temp, work)
+        # a target outside this block has no one-hot term here (the vocabulary-parallel convention: -1)
+        here = (targets >= lo) & (targets < hi)
+        g = softmax_grad_(z, torch.where(here, targets - lo, -1), m, log_s, entropy, c, d, temp)
+        if need_w:
+            dw[lo:hi] = torch.mm(g.T, h)
+        if need_b:
+            db[lo:hi] = g.sum(0)
+        if need_h:
+            dh += torch.mm(g, w_block)
+    return None if dh is None else dh.to(hidden.dtype), dw, db

@@ -59,6 +59,7 @@ def fused_linear_pg_loss(
     top_k: Union[int, torch.Tensor, None] = None,
     top_p: Union[float, torch.Tensor, None] = None,
     min_p: Union[float, torch.Tensor, None] = None,
+    memory: str = "default",
     **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss straight from the last hidden states and the LM-head weight.
@@ -86,6 +87,8 @@ def fused_linear_pg_loss(
         top_k, top_p, min_p: score the sampler's truncated distribution, as in :func:`fusedpg.linear_logprob_entropy`
             (the same recompute structure); the metrics gain ``outside_kept``, the fraction of loss tokens whose
             target lies outside the kept set.
+        memory: ``"low"`` runs the head's backward blocked over the vocabulary (no ``[V, H]`` fp32 accumulator,
+            d_weight written once in the weight's dtype) after the loss layer on the head's ``[N]`` outputs.
         vocab_parallel_group, vocab_size, reduce_hidden_grad: a vocabulary-sharded head, as in
             :func:`fusedpg.linear_logprob_entropy`. The merged log-probs and entropy are the same on every rank, so
             is the loss; every plan runs as a recompute (statistics, loss, then the head's backward). Normalisers
@@ -120,12 +123,14 @@ def fused_linear_pg_loss(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     deterministic = LogProbOptions.default_deterministic(deterministic)
     truncated = top_k is not None or top_p is not None or min_p is not None
+    low = checks.memory_mode(memory, deterministic=deterministic, truncated=truncated)
     flat = (lambda x: x.reshape(-1) if isinstance(x, torch.Tensor) else x)
-    if parallel or deterministic or truncated:
+    if parallel or deterministic or truncated or low:
         loss, metrics = _composed(lambda y: linear_logprob_entropy(
             h2, weight, y, bias=bias, temperature=flat_temp, impl=impl, chunk_bytes=chunk_bytes,
             vocab_parallel_group=vocab_parallel_group, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
-            deterministic=deterministic, top_k=flat(top_k), top_p=flat(top_p), min_p=flat(min_p)),
+            deterministic=deterministic, top_k=flat(top_k), top_p=flat(top_p), min_p=flat(min_p),
+            **({"memory": "low"} if low else {})),
             targets, advantages, mask, inputs, config_of(key),
             torch.float64 if hidden.dtype == torch.float64 else torch.float32, lead, return_token_stats or truncated)
         if truncated:
