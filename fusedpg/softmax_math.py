@@ -90,6 +90,42 @@ def _columns(targets: torch.Tensor) -> torch.Tensor:
     return idx if idx.dim() == 2 else idx.unsqueeze(1)
 
 
+def partial(logp, entropy, m, log_s, targets) -> torch.Tensor:
+    """One vocabulary part's (a TP shard's, a low-memory block's) statistics as a mergeable ``[5, R]`` partial:
+    m, log s, entropy, ``z_y - m`` where the target lies in the part, and that flag (a negative target: elsewhere)."""
+    here = targets >= 0
+    y_rel = torch.where(here, logp + log_s, torch.zeros_like(logp))
+    return torch.stack([m, log_s, entropy, y_rel, here.to(m.dtype)])
+
+
+def rescaled(part: torch.Tensor, top: torch.Tensor):
+    """A partial's (sum-exp, entropy term, target logit) taken from its own max to ``top`` (fusedpg/vocab_parallel/
+    README.md has the algebra)."""
+    m, log_s, ent, y_rel, here = part.unbind(0)
+    shift = m - top
+    s = torch.exp(log_s + shift)
+    t = torch.where(s > 0, s * (log_s - ent + shift), torch.zeros_like(s))
+    return s, t, torch.where(here > 0, y_rel + shift, torch.zeros_like(s))
+
+
+def merged(s, t, y, top, compute_entropy: bool):
+    """(logp, entropy, m, log_s) over the whole vocabulary from the summed rescaled terms."""
+    alive = s > 0
+    log_s = torch.log(s)
+    logp = torch.where(alive, y - log_s, log_s)
+    entropy = torch.where(alive, log_s - t / torch.where(alive, s, 1.0), torch.zeros_like(s))
+    return logp, entropy if compute_entropy else torch.zeros_like(s), top, log_s
+
+
+def merge_in_order(parts, compute_entropy: bool):
+    """Merge partials in the given order: the same parts give bitwise the same result."""
+    top = torch.stack([p[0] for p in parts]).amax(0)
+    total = [torch.zeros_like(top) for _ in range(3)]
+    for part in parts:
+        total = [a + b for a, b in zip(total, rescaled(part, top))]
+    return merged(*total, top, compute_entropy)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for every input dtype; fp64 inputs stay fp64 so gradcheck can run."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -56,6 +56,9 @@ def linear_logprob_entropy_op(
                                    trunc.take(rows.idx))
         logp = torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]) if trunc.active else stats[0]
         stats = (logp if kept is None else logp.masked_fill(~rows.take(kept), 0.0),) + tuple(stats[1:])
+    elif low_memory:  # blocked over the vocabulary: no fp32 copy of a half-precision head
+        stats = plan_torch.forward_vocab_blocked(rows.take(hidden), weight, bias, rows.take(targets),
+                                                 temp.take(rows.idx), opts)
     else:
         stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts)
     return tuple(rows.scatter(x.to(out)) for x in stats)

@@ -12,7 +12,7 @@ import torch
 
 from .. import fixed_rows
 from ..options import LogProbOptions
-from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
+from ..softmax_math import compute_dtype, merge_in_order, partial, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
 from ..truncation import Truncation, truncate_, truncated_coefficient
 
@@ -116,6 +116,33 @@ def _rows_of(trunc: Truncation, lo: int, hi: int, step: int, opts: LogProbOption
     return trunc.slice(lo, hi, step if opts.deterministic else None)
 
 
+#: Low-memory plan: the widest vocabulary block's fp32 ``[N, block]`` buffer, unless chunk_bytes asks for less.
+LOW_BLOCK_BYTES = 16 << 20
+
+
+def low_block_columns(n: int, opts: LogProbOptions, itemsize: int) -> int:
+    """Columns of a low-memory vocabulary block: at least 256 (narrower blocks only add partial sums and calls)."""
+    return max(256, min(opts.chunk_bytes, LOW_BLOCK_BYTES) // max(1, n * itemsize))
+
+
+def forward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, opts: LogProbOptions):
+    """The low-memory forward: statistics per vocabulary block, merged in block order (the vocabulary-parallel
+    merge, within one process); each block of the head is upcast on its own, so a half-precision head is never
+    copied to fp32 whole. targets ``[N]``; returns (logp, entropy, m, log_s) like ``forward``."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    work = compute_dtype(hidden.dtype)
+    h = hidden if hidden.dtype == work else hidden.to(work)
+    cols = low_block_columns(n, opts, work.itemsize)
+    parts = []
+    for lo in range(0, vocab, cols):
+        hi = min(vocab, lo + cols)
+        w_block, b_block = compute_head(weight[lo:hi], None if bias is None else bias[lo:hi], work)
+        z = tempered_logits(h, w_block, b_block, temp, work)
+        local = torch.where((targets >= lo) & (targets < hi), targets - lo, -1)
+        parts.append(partial(*softmax_stats(z, local, opts.compute_entropy), local))
+    return merge_in_order(parts, opts.compute_entropy)
+
+
 def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, log_s, entropy, c, d,
                            opts: LogProbOptions, needs: Tuple[bool, bool, bool]):
     """The low-memory backward (``memory="low"``): blocked over the vocabulary instead of the rows.
@@ -137,8 +164,7 @@ def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, 
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty(vocab, dtype=bias.dtype, device=bias.device) if need_b else None
     c, d = c.to(work), (None if d is None else d.to(work))
-    # at least 256 columns a block: narrower blocks only add partial sums (rounding) and per-call overhead
-    cols = max(256, opts.chunk_bytes // max(1, n * work.itemsize))
+    cols = low_block_columns(n, opts, work.itemsize)
     for lo in range(0, vocab, cols):
         hi = min(vocab, lo + cols)
         w_block, b_block = compute_head(weight[lo:hi], None if bias is None else bias[lo:hi], work)

@@ -12,45 +12,24 @@ import torch
 import torch.distributed as dist
 
 from ..linear.op import grads_like, linear_logprob_entropy_backward_op, linear_logprob_entropy_op, stats_like
-from ..softmax_math import compute_dtype
+from ..softmax_math import compute_dtype, merge_in_order, merged, partial, rescaled
 from .groups import group_of
 
 IGNORE = -100
 
 
-def _scaled(m, log_s, ent, y_rel, here, top):
-    """One rank's (sum-exp, entropy term, target logit), rescaled from its own max ``m`` to the group's ``top``."""
-    shift = m - top
-    s = torch.exp(log_s + shift)
-    t = torch.where(s > 0, s * (log_s - ent + shift), torch.zeros_like(s))
-    y = torch.where(here, y_rel + shift, torch.zeros_like(s))
-    return s, t, y
-
-
 def _merge(lp, ent, m, log_s, targets, compute_entropy: bool, group, deterministic: bool):
-    here = targets >= 0
-    y_rel = torch.where(here, lp + log_s, torch.zeros_like(lp))  # z_y - m on the rank that holds the target
+    part = partial(lp, ent, m, log_s, targets)
     if deterministic:  # every rank merges the same gathered partials in rank order: bitwise equal everywhere
-        parts = torch.stack([m, log_s, ent, y_rel, here.to(m.dtype)])
-        gathered = [torch.empty_like(parts) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, parts, group=group)
-        top = torch.stack([g[0] for g in gathered]).amax(0)
-        total = [torch.zeros_like(m) for _ in range(3)]
-        for g in gathered:
-            total = [a + b for a, b in zip(total, _scaled(g[0], g[1], g[2], g[3], g[4] > 0, top))]
-        s, t, y = total
+        gathered = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, part, group=group)
+        logp, entropy, top, log_s_all = merge_in_order(gathered, compute_entropy)
     else:  # two collectives: MAX of the row maxima, one packed SUM
         top = m.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        packed = torch.stack(_scaled(m, log_s, ent, y_rel, here, top))
+        packed = torch.stack(rescaled(part, top))
         dist.all_reduce(packed, group=group)
-        s, t, y = packed.unbind(0)
-    alive = s > 0
-    log_s_all = torch.log(s)
-    logp = torch.where(alive, y - log_s_all, log_s_all)
-    entropy = torch.where(alive, log_s_all - t / torch.where(alive, s, 1.0), torch.zeros_like(s))
-    if not compute_entropy:
-        entropy = torch.zeros_like(s)
+        logp, entropy, top, log_s_all = merged(*packed.unbind(0), top, compute_entropy)
     kept = targets != IGNORE
     zero = torch.zeros((), dtype=m.dtype, device=m.device)
     return (torch.where(kept, logp, zero), torch.where(kept, entropy, zero), torch.where(kept, top, zero),
