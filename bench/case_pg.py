@@ -33,6 +33,9 @@ from .case_linear import LOGIT_STD, _eager_fn as _linear_eager_fn, compiled, flo
 from .registry import GPU_SHAPES, JUDGED_CPU, SMALL_CPU, Case, Impl, Inputs, Shape, register_case
 
 LOSS_TYPES = ("dapo", "grpo", "clip_cov")
+#: Seed methods measured on request (``--shape NxHxV:drpo``): pairs / groups of two sequences, binary rewards for
+#: DRPO, every other sequence a demonstration for HPT.
+EXTRA_LOSS_TYPES = ("drpo", "copg", "p3o", "hpt")
 #: fusedpg options of each benchmarked loss type (the library's defaults of that type otherwise).
 OURS_KW: Dict[str, dict] = {
     "dapo": {},
@@ -79,12 +82,12 @@ def seq_len(n: int, cap: int = SEQ_LEN) -> int:
 
 
 def parse_shape(text: str):
-    m = re.fullmatch(r"\s*([0-9x, ]+?)\s*(?::\s*([a-z_]+)\s*)?", text)
+    m = re.fullmatch(r"\s*([0-9x, ]+?)\s*(?::\s*([a-z0-9_]+)\s*)?", text)
     if not m:
         raise ValueError(f"pg shapes look like NxHxV or NxHxV:loss_type, got {text!r}")
     base = Shape.parse(m.group(1))
-    if m.group(2) and m.group(2) not in LOSS_TYPES:
-        raise ValueError(f"pg loss_type must be one of {LOSS_TYPES}, got {m.group(2)!r}")
+    if m.group(2) and m.group(2) not in LOSS_TYPES + EXTRA_LOSS_TYPES:
+        raise ValueError(f"pg loss_type must be one of {LOSS_TYPES + EXTRA_LOSS_TYPES}, got {m.group(2)!r}")
     return adapt(base) if not m.group(2) else [PGShape(base.n, base.h, base.v, m.group(2))]
 
 
@@ -117,7 +120,8 @@ def make_inputs(shape: PGShape, dtype: torch.dtype, device: torch.device, seed: 
     ref = logp + POLICY_NOISE * torch.randn(b, t, generator=gen, device=device)
     return Inputs(leaves={"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_()},
                   extra={"targets": targets, "mask": mask, "advantages": advantages, "old_logp": old, "ref_logp": ref,
-                         "one": torch.ones((), device=device)})
+                         "one": torch.ones((), device=device),
+                         "pairs": torch.arange(b, device=device) // 2, "demos": torch.arange(b, device=device) % 2 == 0})
 
 
 def flops(shape: PGShape, mode: str) -> Optional[float]:
@@ -126,40 +130,47 @@ def flops(shape: PGShape, mode: str) -> Optional[float]:
     return linear_flops(shape.base, mode)
 
 
-def _args(inp: Inputs):
-    return (inp["hidden"], inp["weight"], inp["targets"], inp["advantages"], inp["mask"])
+def _args(inp: Inputs, loss: str = "dapo"):
+    adv = (inp["advantages"] > 0).float() if loss == "drpo" else inp["advantages"]  # DRPO reads 0/1 rewards
+    return (inp["hidden"], inp["weight"], inp["targets"], adv, inp["mask"])
 
 
 def _kwargs(inp: Inputs, loss: str) -> dict:
-    return dict(old_logp=inp["old_logp"], ref_logp=inp["ref_logp"], loss_type=loss, **OURS_KW[loss])
+    kw = dict(old_logp=inp["old_logp"], ref_logp=inp["ref_logp"], loss_type=loss, **OURS_KW.get(loss, {}))
+    if loss in ("drpo", "copg", "p3o"):
+        kw["group_ids"] = inp["pairs"]
+    if loss == "hpt":
+        kw["truncated"] = inp["demos"]
+    return kw
 
 
 def _ours(inp: Inputs, shape: PGShape):
-    args, kw, one = _args(inp), _kwargs(inp, shape.loss), inp["one"]
+    args, kw, one = _args(inp, shape.loss), _kwargs(inp, shape.loss), inp["one"]
     return lambda: ((fusedpg.fused_linear_pg_loss(*args, **kw)[0],), (one,))
 
 
 def _ours_low(inp: Inputs, shape: PGShape):
-    args, kw, one = _args(inp), _kwargs(inp, shape.loss), inp["one"]
+    args, kw, one = _args(inp, shape.loss), _kwargs(inp, shape.loss), inp["one"]
     return lambda: ((fusedpg.fused_linear_pg_loss(*args, memory="low", **kw)[0],), (one,))
 
 
-def _eager_fn(h, w, y, adv, mask, old, ref, loss):
+def _eager_fn(h, w, y, adv, mask, old, ref, loss, **extra):
     return fused_linear_pg_loss_reference(h, w, y, adv, mask, dtype=None, old_logp=old, ref_logp=ref,
-                                          loss_type=loss, **OURS_KW[loss])[0]
+                                          loss_type=loss, **OURS_KW.get(loss, {}), **extra)[0]
 
 
 def _eager(inp: Inputs, shape: PGShape):
-    args, one = _args(inp), inp["one"]
+    args, one = _args(inp, shape.loss), inp["one"]
     old, ref = inp["old_logp"], inp["ref_logp"]
-    return lambda: ((_eager_fn(*args, old, ref, shape.loss),), (one,))
+    extra = {k: v for k, v in _kwargs(inp, shape.loss).items() if k in ("group_ids", "truncated")}
+    return lambda: ((_eager_fn(*args, old, ref, shape.loss, **extra),), (one,))
 
 
 def _compile(inp: Inputs, shape: PGShape):
     """torch.compile of the eager head (logits, upcast, log_softmax, gather, entropy: all of the N x V work); the
     loss on the [N] results runs eagerly. Compiling the whole function trips an Inductor CPU codegen assertion on
     the loss's per-sequence scatter-add sums (torch 2.13), and the [N] loss is a negligible share of the time."""
-    h, w, y, adv, mask = _args(inp)
+    h, w, y, adv, mask = _args(inp, shape.loss)
     kw, one = _kwargs(inp, shape.loss), inp["one"]
     head = compiled(_linear_eager_fn)
 
@@ -207,7 +218,7 @@ CASE = register_case(Case(
     flops=flops,
     parse_shape=parse_shape,
     adapt=adapt,
-    shape_form="NxHxV[:dapo|grpo|clip_cov]",
+    shape_form="NxHxV[:dapo|grpo|clip_cov; on request :drpo|copg|p3o|hpt]",
     modes=("fwd+bwd",),
     presets={
         ("cpu", False): (PGShape(JUDGED_CPU.n, JUDGED_CPU.h, JUDGED_CPU.v, "dapo"),
