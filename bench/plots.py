@@ -23,11 +23,11 @@ IMPL_COLORS = {
     "ours": "#1f77b4", "ours-prefix": "#17becf", "eager": "#ff7f0e", "sdpa": "#8c564b", "trl": "#e377c2",
     "fused-loss": "#bcbd22", "compile": "#2ca02c", "floor": "#7f7f7f", "liger": "#9467bd", "cce": "#d62728",
     "flex": "#000000", "gather": "#ff9896", "ours-det": "#9edae5",
-    "ours-low": "#393b79",
+    "ours-low": "#393b79", "untruncated": "#637939",
 }
 IMPL_MARKERS = {
     "ours": "o", "ours-prefix": "D", "eager": "s", "sdpa": "v", "trl": "P", "fused-loss": "X", "compile": "^",
-    "floor": "*", "liger": "<", "cce": ">", "flex": "h", "gather": "d", "ours-det": "8", "ours-low": "p",
+    "floor": "*", "liger": "<", "cce": ">", "flex": "h", "gather": "d", "ours-det": "8", "ours-low": "p", "untruncated": "H",
 }
 #: Impls missing above (a new peer) get a spare style picked by a checksum of the name: stable across plots and runs.
 _SPARE = (("#aec7e8", "p"), ("#ffbb78", "H"), ("#98df8a", "d"), ("#c5b0d5", "8"), ("#c49c94", "1"))

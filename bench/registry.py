@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 #: Modules that register cases when imported (later work appends, e.g. "case_pg_loss", "case_prefix").
-CASE_MODULES = ("case_linear", "case_logits", "case_pg", "case_attention", "case_model", "case_trl", "case_tp")
+CASE_MODULES = ("case_linear", "case_logits", "case_pg", "case_attention", "case_model", "case_trl", "case_tp",
+                "case_sampler")
 
 #: Mode name -> what one timed call does. ``fwd`` runs with autograd recording (outputs saved for a backward, then
 #: dropped); ``bwd`` is the backward alone, after an untimed forward; ``fwd+bwd`` is both; ``fwd-nograd``

@@ -2,8 +2,8 @@
 
 A sampler that draws from a truncated distribution (vLLM's ``top_k``, ``top_p``, ``min_p``) keeps the tokens whose
 tempered logit is at least a per-row threshold and renormalises over them. fusedpg finds that threshold on each
-chunk's logits buffer by a bisection over the logits' ordered integer keys (32 passes over the chunk for fp32, no
-sort), sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient: the
+chunk's logits buffer: top-k by a selection (``kthvalue``), top-p by a bisection over the logits' ordered integer
+keys (33 passes over the chunk for fp32); no sort, sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient: the
 log-prob, entropy and gradients are exactly those of the renormalised kept distribution, and the thresholds, being
 piecewise constant, contribute no gradient. Order and tie rules: fusedpg/linear/README.md#truncated-sampling.
 """
@@ -50,19 +50,19 @@ class Truncation:
 
 
 def _keys(z: torch.Tensor) -> torch.Tensor:
-    """Integer keys ordered like the floats of ``z`` (fp32 -> int32 bits, fp64 -> int64), widened to int64."""
+    """Integer keys ordered like the floats of ``z`` (fp32 -> int32 bits, fp64 -> int64)."""
     bits = z.view(torch.int32 if z.dtype == torch.float32 else torch.int64)
     flip = torch.iinfo(bits.dtype).max
-    return torch.where(bits < 0, bits ^ flip, bits).to(torch.int64)
+    return torch.where(bits < 0, bits ^ flip, bits)
 
 
 def _select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor, iters: int) -> torch.Tensor:
     """Per row, the largest key ``t`` with ``sum(weights[keys >= t]) >= target`` (counts when ``weights`` is None):
     a bisection whose every step is one pass over the chunk."""
-    lo, hi = keys.amin(1), keys.amax(1) + 1
+    lo, hi = keys.amin(1).to(torch.int64), keys.amax(1).to(torch.int64) + 1
     for _ in range(iters):
         mid = lo + (hi - lo) // 2
-        above = keys >= mid[:, None]
+        above = keys >= mid.to(keys.dtype)[:, None]  # mid < hi <= max key + 1: fits the keys' dtype but at the top
         mass = above.sum(1) if weights is None else (weights * above).sum(1)
         ok = mass >= target
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
@@ -85,10 +85,14 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
         on = (trunc.min_p > 0)[:, None]
         floor = torch.where(on, m + torch.log(trunc.min_p.to(z.dtype).clamp(min=1e-30))[:, None], floor)
     if trunc.top_k is not None and bool(((trunc.top_k > 0) & (trunc.top_k < vocab)).any()):
-        keys = _keys(z)
-        at = _select(keys, None, trunc.top_k.clamp(min=1, max=vocab), iters)
-        kept = (keys >= at[:, None]) | ((trunc.top_k <= 0) | (trunc.top_k >= vocab))[:, None]
-        z.masked_fill_(~kept, float("-inf"))
+        # the k-th largest logit by a selection (no sort); every logit at least that large stays (ties kept)
+        k = trunc.top_k.clamp(min=1, max=vocab)
+        if rows and bool((k == k[0]).all()):  # one k for every row (the usual case): one batched selection
+            kth = z.kthvalue(vocab - int(k[0]) + 1, dim=1).values
+        else:
+            kth = torch.stack([z[i].kthvalue(vocab - int(k[i]) + 1).values for i in range(rows)]) if rows else z[:, 0]
+        off = (trunc.top_k <= 0) | (trunc.top_k >= vocab)
+        z.masked_fill_(~off[:, None] & (z < kth[:, None]), float("-inf"))
     z.masked_fill_(z < floor, float("-inf"))
     if trunc.top_p is not None and bool((trunc.top_p < 1).any()):
         keys = _keys(z)
