@@ -15,6 +15,7 @@ import torch
 
 from .options import DETERMINISTIC_ROWS, DETERMINISTIC_SEGMENT
 from .temperature import Temperature
+from .truncation import Truncation
 
 
 def block_rows(device: torch.device) -> int:
@@ -35,8 +36,9 @@ def block(x: Optional[torch.Tensor], lo: int, hi: int, rows: int, fill: float = 
 
 
 def chunking(deterministic: bool, default_step: int, device: torch.device):
-    """(rows per chunk, ``take(x, lo, hi, fill=0)``): a plain slice of a tensor or a ``Temperature``, or in
-    deterministic mode a fresh block of the fixed size, padded with ``fill`` (temperature: 1)."""
+    """(rows per chunk, ``take(x, lo, hi, fill=0)``): a plain slice of a tensor, a ``Temperature`` or a
+    ``Truncation``, or in deterministic mode a fresh block of the fixed size, padded with ``fill`` (the neutral
+    setting for a temperature or a truncation)."""
     if not deterministic:
         return default_step, _slice
     rows = block_rows(device)
@@ -44,6 +46,8 @@ def chunking(deterministic: bool, default_step: int, device: torch.device):
     def take(x, lo, hi, fill=0):
         if isinstance(x, Temperature):
             return x.slice(lo, hi).padded(rows)
+        if isinstance(x, Truncation):
+            return x.slice(lo, hi, rows)
         return block(x, lo, hi, rows, fill)
 
     return rows, take
@@ -52,7 +56,7 @@ def chunking(deterministic: bool, default_step: int, device: torch.device):
 def _slice(x, lo, hi, fill=0):
     if x is None:
         return None
-    return x.slice(lo, hi) if isinstance(x, Temperature) else x[lo:hi]
+    return x.slice(lo, hi) if isinstance(x, (Temperature, Truncation)) else x[lo:hi]
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A sampler that draws from a truncated distribution (vLLM's ``top_k``, ``top_p``, ``min_p``) keeps the tokens whose
 tempered logit is at least a per-row threshold and renormalises over them. fusedpg finds that threshold on each
 chunk's logits buffer: top-k by a selection (``kthvalue``), top-p by a bisection over the logits' ordered integer
-keys (33 passes over the chunk for fp32); no sort, sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient: the
+keys (33 passes over the chunk for fp32; per-row k counts the same way); no sort, sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient: the
 log-prob, entropy and gradients are exactly those of the renormalised kept distribution, and the thresholds, being
 piecewise constant, contribute no gradient. Order and tie rules: fusedpg/linear/README.md#truncated-sampling.
 """
@@ -87,12 +87,13 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
     if trunc.top_k is not None and bool(((trunc.top_k > 0) & (trunc.top_k < vocab)).any()):
         # the k-th largest logit by a selection (no sort); every logit at least that large stays (ties kept)
         k = trunc.top_k.clamp(min=1, max=vocab)
+        off = (trunc.top_k <= 0) | (trunc.top_k >= vocab)
         if rows and bool((k == k[0]).all()):  # one k for every row (the usual case): one batched selection
             kth = z.kthvalue(vocab - int(k[0]) + 1, dim=1).values
-        else:
-            kth = torch.stack([z[i].kthvalue(vocab - int(k[i]) + 1).values for i in range(rows)]) if rows else z[:, 0]
-        off = (trunc.top_k <= 0) | (trunc.top_k >= vocab)
-        z.masked_fill_(~off[:, None] & (z < kth[:, None]), float("-inf"))
+            z.masked_fill_(~off[:, None] & (z < kth[:, None]), float("-inf"))
+        elif rows:  # per-row k: the count bisection, all rows at once
+            keys = _keys(z)
+            z.masked_fill_(~off[:, None] & (keys < _select(keys, None, k, iters)[:, None]), float("-inf"))
     z.masked_fill_(z < floor, float("-inf"))
     if trunc.top_p is not None and bool((trunc.top_p < 1).any()):
         keys = _keys(z)

@@ -53,7 +53,7 @@ def forward(
         hi = min(n, lo + step)
         z = tempered_logits(take(hidden, lo, hi), w, b, take(temp, lo, hi), work)
         if trunc.active:
-            truncate_(z, _rows_of(trunc, lo, hi, step, opts))
+            truncate_(z, take(trunc, lo, hi))
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     return outs[0], outs[1], outs[2], outs[3]
@@ -95,7 +95,7 @@ def backward(
         z = tempered_logits(h, w, b, t, work)
         y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
         if trunc.active:
-            c_chunk = truncated_coefficient(truncate_(z, _rows_of(trunc, lo, hi, step, opts)), y, c_chunk)
+            c_chunk = truncated_coefficient(truncate_(z, take(trunc, lo, hi)), y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
                           take(d, lo, hi), t)
@@ -110,10 +110,6 @@ def backward(
         None if dw is None else dw.to(weight.dtype),
         None if db is None else db.to(bias.dtype),
     )
-
-
-def _rows_of(trunc: Truncation, lo: int, hi: int, step: int, opts: LogProbOptions) -> Truncation:
-    return trunc.slice(lo, hi, step if opts.deterministic else None)
 
 
 #: Low-memory plan: the widest vocabulary block's fp32 ``[N, block]`` buffer, unless chunk_bytes asks for less.
@@ -149,18 +145,15 @@ def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, 
 
     For each block of columns it recomputes that block's logits for every row, forms dL/du from the saved row
     statistics, writes the block's d_weight rows once in the weight's dtype (the sum over all N rows runs inside one
-    fp32 GEMM) and adds the block's part of d_hidden into an ``[N, H]`` accumulator (fp32; fp64 for fp32 inputs).
-    Extra memory: the ``[N, block]`` buffer and that accumulator; never a ``[V, H]`` fp32 accumulator or a
-    full-precision copy of the head.
+    fp32 GEMM) and adds the block's part of d_hidden into an fp32 ``[N, H]`` accumulator. Extra memory: the
+    ``[N, block]`` buffer and that accumulator; never a ``[V, H]`` fp32 accumulator or a full-precision copy of the
+    head.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
     need_h, need_w, need_b = needs
     h = hidden if hidden.dtype == work else hidden.to(work)
-    # d_hidden sums one partial per vocabulary block: fp32 for half-precision inputs, fp64 for fp32 ones, whose
-    # result must stay as accurate as one GEMM over the whole vocabulary (the tolerance model's eager reference)
-    acc = torch.float64 if work == torch.float32 else work if work == torch.float64 else torch.float32
-    dh = torch.zeros((n, hidden.shape[1]), dtype=acc, device=hidden.device) if need_h else None
+    dh = torch.zeros((n, hidden.shape[1]), dtype=work, device=hidden.device) if need_h else None
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty(vocab, dtype=bias.dtype, device=bias.device) if need_b else None
     c, d = c.to(work), (None if d is None else d.to(work))
@@ -177,5 +170,5 @@ def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, 
         if need_b:
             db[lo:hi] = g.sum(0)
         if need_h:
-            dh += torch.mm(g, w_block)
+            dh.addmm_(g, w_block)
     return None if dh is None else dh.to(hidden.dtype), dw, db

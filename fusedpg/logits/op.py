@@ -56,9 +56,8 @@ def logprob_entropy_op(
     trunc = Truncation(top_k, top_p, min_p)
     if trunc.active or targets.dim() == 2:  # thresholds and several targets: the torch plan, on any device
         stats = plan_torch.forward(logits, y, valid, temp, opts, trunc)
-        if trunc.active:
-            logp = torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0])
-            stats = (torch.where(valid, logp, torch.zeros_like(logp)),) + tuple(stats[1:])
+        if trunc.active:  # ignored targets are already 0: only a target outside the kept set is -inf here
+            stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
     else:
         stats = _plan(impl).forward(logits, y, valid, temp, opts)
     return tuple(x.to(out) for x in stats)

@@ -36,7 +36,7 @@ def forward(
         hi = min(n, lo + step)
         z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
         if trunc.active:
-            truncate_(z, trunc.slice(lo, hi, step if opts.deterministic else None))
+            truncate_(z, take(trunc, lo, hi))
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     zero = torch.zeros((), dtype=work, device=logits.device)
@@ -71,7 +71,7 @@ def backward(
         z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
         y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
         if trunc.active:
-            c_chunk = truncated_coefficient(truncate_(z, trunc.slice(lo, hi, step if opts.deterministic else None)),
+            c_chunk = truncated_coefficient(truncate_(z, take(trunc, lo, hi)),
                                             y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
