@@ -34,8 +34,12 @@ from .registry import GPU_SHAPES, JUDGED_CPU, SMALL_CPU, Case, Impl, Inputs, Sha
 
 LOSS_TYPES = ("dapo", "grpo", "clip_cov")
 #: Seed methods measured on request (``--shape NxHxV:drpo``): pairs / groups of two sequences, binary rewards for
-#: DRPO, every other sequence a demonstration for HPT.
-EXTRA_LOSS_TYPES = ("drpo", "copg", "p3o", "hpt")
+#: DRPO, every other sequence a demonstration for HPT. ``copo`` and ``knapsack`` are GRPO with COPO's blended
+#: advantages (groups of 4, answer ids) or group-normalised advantages over Knapsack-sized ragged groups, the
+#: estimator timed with the loss; ``otr`` samples 4 candidates per token (the eager impl: materialised logits and
+#: ``torch.multinomial``), the batch's targets as ground truth.
+EXTRA_LOSS_TYPES = ("drpo", "copg", "p3o", "hpt", "otr", "copo", "knapsack")
+OTR_SAMPLES = 4
 #: fusedpg options of each benchmarked loss type (the library's defaults of that type otherwise).
 OURS_KW: Dict[str, dict] = {
     "dapo": {},
@@ -121,7 +125,8 @@ def make_inputs(shape: PGShape, dtype: torch.dtype, device: torch.device, seed: 
     return Inputs(leaves={"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_()},
                   extra={"targets": targets, "mask": mask, "advantages": advantages, "old_logp": old, "ref_logp": ref,
                          "one": torch.ones((), device=device),
-                         "pairs": torch.arange(b, device=device) // 2, "demos": torch.arange(b, device=device) % 2 == 0})
+                         "pairs": torch.arange(b, device=device) // 2, "demos": torch.arange(b, device=device) % 2 == 0,
+                         "success": torch.rand(max(1, b // 4), generator=gen, device=device).double()})
 
 
 def flops(shape: PGShape, mode: str) -> Optional[float]:
@@ -130,12 +135,29 @@ def flops(shape: PGShape, mode: str) -> Optional[float]:
     return linear_flops(shape.base, mode)
 
 
+def _advantages(inp: Inputs, loss: str):
+    """The advantages the loss sees; for copo / knapsack computed here, so the estimator is timed with the loss."""
+    rewards = (inp["advantages"] > 0).float()  # binary rewards for the estimators that read them
+    if loss == "drpo":
+        return rewards
+    if loss == "copo":
+        b = rewards.shape[0]
+        return fusedpg.advantages.copo_advantages(rewards, inp["pairs"] // 2, answer_ids=torch.arange(b, device=rewards.device) % 3)
+    if loss == "knapsack":
+        sizes = fusedpg.advantages.knapsack_group_sizes(inp["success"], rewards.shape[0], min_size=2)
+        return fusedpg.advantages.group_normalized_advantages(rewards, group_sizes=sizes.tolist())
+    return inp["advantages"]
+
+
 def _args(inp: Inputs, loss: str = "dapo"):
-    adv = (inp["advantages"] > 0).float() if loss == "drpo" else inp["advantages"]  # DRPO reads 0/1 rewards
+    adv = None if loss == "otr" else _advantages(inp, loss)
     return (inp["hidden"], inp["weight"], inp["targets"], adv, inp["mask"])
 
 
 def _kwargs(inp: Inputs, loss: str) -> dict:
+    if loss == "otr":
+        return dict(loss_type="otr", num_samples=OTR_SAMPLES, seed=0)
+    loss = "grpo" if loss in ("copo", "knapsack") else loss
     kw = dict(old_logp=inp["old_logp"], ref_logp=inp["ref_logp"], loss_type=loss, **OURS_KW.get(loss, {}))
     if loss in ("drpo", "copg", "p3o"):
         kw["group_ids"] = inp["pairs"]
@@ -145,13 +167,13 @@ def _kwargs(inp: Inputs, loss: str) -> dict:
 
 
 def _ours(inp: Inputs, shape: PGShape):
-    args, kw, one = _args(inp, shape.loss), _kwargs(inp, shape.loss), inp["one"]
-    return lambda: ((fusedpg.fused_linear_pg_loss(*args, **kw)[0],), (one,))
+    kw, one = _kwargs(inp, shape.loss), inp["one"]
+    return lambda: ((fusedpg.fused_linear_pg_loss(*_args(inp, shape.loss), **kw)[0],), (one,))
 
 
 def _ours_low(inp: Inputs, shape: PGShape):
-    args, kw, one = _args(inp, shape.loss), _kwargs(inp, shape.loss), inp["one"]
-    return lambda: ((fusedpg.fused_linear_pg_loss(*args, memory="low", **kw)[0],), (one,))
+    kw, one = _kwargs(inp, shape.loss), inp["one"]
+    return lambda: ((fusedpg.fused_linear_pg_loss(*_args(inp, shape.loss), memory="low", **kw)[0],), (one,))
 
 
 def _eager_fn(h, w, y, adv, mask, old, ref, loss, **extra):
@@ -159,11 +181,24 @@ def _eager_fn(h, w, y, adv, mask, old, ref, loss, **extra):
                                           loss_type=loss, **OURS_KW.get(loss, {}), **extra)[0]
 
 
+def _eager_otr(h, w, labels, mask):
+    """OTR as a trainer would write it: materialised logits, torch.multinomial, log_softmax, gather."""
+    logp_all = torch.log_softmax((h @ w.T).float(), -1)
+    tokens = torch.multinomial(logp_all.detach().exp().reshape(-1, logp_all.shape[-1]), OTR_SAMPLES,
+                               replacement=True).reshape(*labels.shape, OTR_SAMPLES)
+    r = torch.where(tokens == labels[..., None], 1.0, -0.1)
+    valid = mask != 0
+    return -((r * logp_all.gather(-1, tokens)).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
+
+
 def _eager(inp: Inputs, shape: PGShape):
-    args, one = _args(inp, shape.loss), inp["one"]
-    old, ref = inp["old_logp"], inp["ref_logp"]
+    if shape.loss == "otr":
+        h, w, y, _, mask = _args(inp, "otr")
+        return lambda: ((_eager_otr(h, w, y, mask),), (inp["one"],))
+    one, old, ref = inp["one"], inp["old_logp"], inp["ref_logp"]
     extra = {k: v for k, v in _kwargs(inp, shape.loss).items() if k in ("group_ids", "truncated")}
-    return lambda: ((_eager_fn(*args, old, ref, shape.loss, **extra),), (one,))
+    loss = "grpo" if shape.loss in ("copo", "knapsack") else shape.loss
+    return lambda: ((_eager_fn(*_args(inp, shape.loss), old, ref, loss, **extra),), (one,))
 
 
 def _compile(inp: Inputs, shape: PGShape):
@@ -185,6 +220,10 @@ def _floor(inp: Inputs, shape: PGShape):
     h, w = inp["hidden"], inp["weight"]
     g = torch.empty(shape.n, shape.v, dtype=h.dtype, device=h.device).normal_()
     return lambda: ((F.linear(h.view(shape.n, shape.h), w),), (g,))
+
+
+def _compile_applies(shape: PGShape, device: str) -> Optional[str]:
+    return "OTR samples inside the head: no compiled eager form" if shape.loss == "otr" else None
 
 
 def _liger_applies(shape: PGShape, device: str) -> Optional[str]:
@@ -218,7 +257,7 @@ CASE = register_case(Case(
     flops=flops,
     parse_shape=parse_shape,
     adapt=adapt,
-    shape_form="NxHxV[:dapo|grpo|clip_cov; on request :drpo|copg|p3o|hpt]",
+    shape_form="NxHxV[:dapo|grpo|clip_cov; on request :drpo|copg|p3o|hpt|otr|copo|knapsack]",
     modes=("fwd+bwd",),
     presets={
         ("cpu", False): (PGShape(JUDGED_CPU.n, JUDGED_CPU.h, JUDGED_CPU.v, "dapo"),
@@ -237,7 +276,7 @@ CASE = register_case(Case(
         Impl("liger", _liger, devices=("cuda",), opt_in=("cpu",), requires=("liger_kernel",), grads_in_forward=True,
              compiles=True,
              applies=_liger_applies, note="LigerFusedLinearGRPOLoss, same loss settings; compiled on CUDA"),
-        Impl("compile", _compile, devices=("cuda",), opt_in=("cpu",), compiles=True,
+        Impl("compile", _compile, devices=("cuda",), opt_in=("cpu",), compiles=True, applies=_compile_applies,
              note="torch.compile(eager head) + pg_loss on [N]"),
     ),
 ))

@@ -1,6 +1,9 @@
 """PNG plots of bench rows, three per case: ``<case>_time.png`` (median ms, bars from q20 to q80),
 ``<case>_memory.png`` (peak MiB above the inputs) and ``<case>_ratio.png`` (ours ÷ each other impl, time and memory,
-with parity at 1 and the stated targets of ``report.TARGETS`` as horizontal lines).
+with parity at 1 and the stated targets of ``report.TARGETS`` as horizontal lines); and where the rows sweep N or V
+(at least ``SWEEP_MIN`` sizes, the rest fixed) ``<case>_memory_scaling.png``: peak memory against N and against V
+for ours, ours-low, eager, Liger and CCE, beside the bytes of d_weight. ``python -m fusedpg.bench.plots FILES``
+draws them from result files.
 
 The x axis holds the case's shapes, smallest first; one panel per mode; each impl keeps the colour and marker of
 ``IMPL_COLORS`` / ``IMPL_MARKERS`` in every plot. Rows of several runs (devices, commits or dtypes) get one set of
@@ -14,7 +17,7 @@ import os
 import re
 import sys
 import zlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .report import MIB, TARGETS, ratio
 
@@ -32,6 +35,8 @@ IMPL_MARKERS = {
 #: Impls missing above (a new peer) get a spare style picked by a checksum of the name: stable across plots and runs.
 _SPARE = (("#aec7e8", "p"), ("#ffbb78", "H"), ("#98df8a", "d"), ("#c5b0d5", "8"), ("#c49c94", "1"))
 _METRICS = (("time", "median ms per call (bars: q20–q80)"), ("memory", "peak MiB above the inputs"))
+#: The kinds of plot, as they end the file names.
+KINDS = ("time", "memory", "ratio", "memory_scaling")
 
 
 def impl_style(impl: str) -> Tuple[str, str]:
@@ -182,6 +187,72 @@ def _ratio_figure(plt, case: str, rows: Sequence[Dict], shapes, modes, stamp: st
     return fig
 
 
+#: Impls of the memory-scaling plot (those without rows in a run, like the CUDA-only peers on CPU, are left out).
+SCALING_IMPLS = ("ours", "ours-low", "eager", "liger", "cce")
+#: Fewest sizes that make a sweep: two points of a default run (the judged and the small shape) show no trend.
+SWEEP_MIN = 3
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _sweeps(rows: Sequence[Dict]) -> List[Tuple[str, List[Dict]]]:
+    """[("n", rows), ("v", rows)]: for each of N and V, the rows of the longest sweep over it (the other sizes and
+    the loss type fixed, at least ``SWEEP_MIN`` sizes); absent where the rows hold none."""
+    out = []
+    for axis in ("n", "v"):
+        groups: Dict[Tuple, List[Dict]] = {}
+        for r in rows:
+            if r.get("n") and r.get("v"):
+                fixed = tuple(r.get(k) for k in ("n", "h", "v", "loss_type") if k != axis)
+                groups.setdefault(fixed, []).append(r)
+        best = max(groups.values(), key=lambda g: len({r[axis] for r in g}), default=[])
+        if len({r[axis] for r in best}) >= SWEEP_MIN:
+            out.append((axis, best))
+    return out
+
+
+def _scaling_figure(plt, case: str, rows: Sequence[Dict], modes, sweeps, stamp: str):
+    """Peak memory above the inputs against N and against V (log-log), with the bytes of d_weight in the input
+    dtype (the floor of any plan that returns it) and 1.5x of them (the low-memory target) as references."""
+    fig, axes = _figure(plt, len(sweeps), len(modes), f"{case}: extra peak memory against N and V\n{stamp}")
+    for row_axes, mode in zip(axes, modes):
+        for ax, (axis, sweep) in zip(row_axes, sweeps):
+            here = [r for r in sweep if r["mode"] == mode]
+            sizes = sorted({r[axis] for r in here})
+            first = here[0] if here else sweep[0]
+            fixed = ", ".join(f"{k.upper()}={first[k]}" for k in ("n", "h", "v") if k != axis)
+            values = []
+            for impl in (i for i in SCALING_IMPLS if any(r["impl"] == i for r in here)):
+                at = {r[axis]: r for r in here if r["impl"] == impl}
+                ys = [_nan(_value(at[x], "memory")) if x in at else math.nan for x in sizes]
+                colour, marker = impl_style(impl)
+                ax.plot(sizes, ys, color=colour, marker=marker, markersize=6, linewidth=1.5, label=impl)
+                values += [y for y in ys if math.isfinite(y)]
+            itemsize = _DTYPE_BYTES.get(first["dtype"])
+            if itemsize and values:
+                dw = [first["h"] * (x if axis == "v" else first["v"]) * itemsize / MIB for x in sizes]
+                ax.plot(sizes, dw, color="#555555", linestyle=":", linewidth=1.2, label="bytes of d_weight")
+                ax.plot(sizes, [1.5 * y for y in dw], color="#d62728", linestyle="--", linewidth=1.2,
+                        label="1.5x d_weight (low-memory target)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([str(x) for x in sizes], fontsize=8)
+            ax.set_xlabel(f"{axis.upper()} ({fixed})", fontsize=9)
+            ax.set_title(mode, fontsize=10)
+            ax.set_ylabel("peak MiB above the inputs", fontsize=9)
+            ax.grid(True, which="major", alpha=0.35)
+            if values:  # plain numbers (20, 30, 100), as in the other plots
+                from matplotlib.ticker import LogFormatter
+
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+                ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+                ax.tick_params(axis="y", which="both", labelsize=8)
+            else:
+                ax.text(0.5, 0.5, "nothing above 0 to plot", transform=ax.transAxes, ha="center", fontsize=9)
+    _legend(fig, axes.flat)
+    return fig
+
+
 def _runs(rows: Sequence[Dict]) -> Dict[str, List[Dict]]:
     """Rows per run (device, commit, dtype); the file prefix of each ("" when there is only one)."""
     runs: Dict[Tuple, List[Dict]] = {}
@@ -192,7 +263,9 @@ def _runs(rows: Sequence[Dict]) -> Dict[str, List[Dict]]:
     return {re.sub(r"[^\w.+-]", "", "-".join(k)) + "_": v for k, v in runs.items()}
 
 
-def plot_rows(rows: Sequence[Dict], out_dir: str) -> List[str]:
+def plot_rows(rows: Sequence[Dict], out_dir: str, kinds: Sequence[str] = KINDS, prefix: str = "") -> List[str]:
+    """Write the ``kinds`` of plot of each case in these rows to out_dir as ``<prefix><run><case>_<kind>.png``
+    (``memory_scaling`` only where the rows sweep N or V); the paths written."""
     try:
         import matplotlib
 
@@ -203,7 +276,7 @@ def plot_rows(rows: Sequence[Dict], out_dir: str) -> List[str]:
         return []
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for prefix, run in _runs([r for r in rows if r["status"] == "ok"]).items():
+    for run_prefix, run in _runs([r for r in rows if r["status"] == "ok"]).items():
         first = run[0]
         stamp = (f"{first.get('device_name', '?')}, {first['dtype']}, commit {first.get('git_commit', '?')[:12]}, "
                  f"{first.get('utc_time', '')[:10]}")
@@ -211,11 +284,39 @@ def plot_rows(rows: Sequence[Dict], out_dir: str) -> List[str]:
             case_rows = [r for r in run if r["case"] == case]
             shapes, modes = _shapes(case_rows), list(dict.fromkeys(r["mode"] for r in case_rows))
             figures = [(metric, _metric_figure(plt, case, case_rows, shapes, modes, metric, label, stamp))
-                       for metric, label in _METRICS]
-            figures.append(("ratio", _ratio_figure(plt, case, case_rows, shapes, modes, stamp)))
+                       for metric, label in _METRICS if metric in kinds]
+            if "ratio" in kinds:
+                figures.append(("ratio", _ratio_figure(plt, case, case_rows, shapes, modes, stamp)))
+            sweeps = _sweeps(case_rows) if "memory_scaling" in kinds else []
+            if sweeps:
+                figures.append(("memory_scaling", _scaling_figure(plt, case, case_rows, modes, sweeps, stamp)))
             for name, fig in figures:
-                path = os.path.join(out_dir, f"{prefix}{case}_{name}.png")
+                path = os.path.join(out_dir, f"{prefix}{run_prefix}{case}_{name}.png")
                 fig.savefig(path, dpi=120)
                 plt.close(fig)
                 paths.append(path)
     return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m fusedpg.bench.plots FILES``: the plots of result files, next to the first one by default."""
+    import argparse
+
+    from .report import load_rows
+
+    p = argparse.ArgumentParser(prog="python -m fusedpg.bench.plots", description=main.__doc__)
+    p.add_argument("files", nargs="+", help="results.json or rows.jsonl files of fusedpg bench")
+    p.add_argument("--kind", action="append", choices=KINDS, help="only these plots (repeatable; default: all)")
+    p.add_argument("--out", help="output folder (default: that of the first file)")
+    p.add_argument("--prefix", help="file name prefix (default: the first file's name without extension, and '-')")
+    args = p.parse_args(argv)
+    first = args.files[0]
+    prefix = args.prefix if args.prefix is not None else os.path.splitext(os.path.basename(first))[0] + "-"
+    paths = plot_rows(load_rows(args.files), args.out or os.path.dirname(os.path.abspath(first)),
+                      args.kind or KINDS, prefix)
+    print("plots: " + ("\n       ".join(paths) if paths else "none"))
+    return 0 if paths else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,9 @@ from .objective import PGLossConfig, pg_loss
 __all__ += ["pg_loss", "PGLossConfig", "objective", "advantages"]
 from .linear_pg import FusedLinearPGLoss, fused_linear_pg_loss, fused_plan
 __all__ += ["fused_linear_pg_loss", "FusedLinearPGLoss", "fused_plan"]
+from .linear.sample import sample_logprob_entropy
+from .linear_pg.otr import otr_loss, otr_sft_loss
+__all__ += ["sample_logprob_entropy", "otr_loss", "otr_sft_loss"]
 from .head import FusedLMHead, call_through, install_lm_head, uninstall_lm_head
 __all__ += ["FusedLMHead", "install_lm_head", "uninstall_lm_head", "call_through"]
 

@@ -10,6 +10,7 @@ programming). The sizes feed the ragged-group advantage estimators (``group_size
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from typing import List, Optional, Sequence
 
@@ -17,7 +18,7 @@ import torch
 
 from . import checks
 
-__all__ = ["knapsack_value", "knapsack_group_sizes"]
+__all__ = ["knapsack_value", "knapsack_group_sizes", "knapsack_best_value_reference"]
 
 
 def knapsack_value(n, p):
@@ -103,3 +104,13 @@ def knapsack_group_sizes(success_rates: torch.Tensor, total_budget: int, *, min_
     for group in (zero, rest, info):
         left = _spread(sizes, group, left, hi)
     return torch.tensor(sizes, dtype=torch.long)
+
+
+def knapsack_best_value_reference(p: Sequence[float], budget: int, lo: int, hi: int) -> float:
+    """Exhaustive search (the reference of small cases): the largest ``sum_i V(n_i, p_i)`` over every allocation
+    within ``[lo, hi]`` that spends exactly ``budget``; ``-inf`` if none does. ``(hi - lo + 1)^P`` allocations."""
+    best = -math.inf
+    for sizes in itertools.product(range(lo, hi + 1), repeat=len(p)):
+        if sum(sizes) == budget:
+            best = max(best, sum(knapsack_value(n, q) for n, q in zip(sizes, p)))
+    return best

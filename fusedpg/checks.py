@@ -73,25 +73,50 @@ def temperature(value, lead_shape: torch.Size, device: torch.device) -> Temperat
     return Temperature(value)
 
 
-def temperature_values(temp: Temperature) -> None:
-    """Per-row temperatures must be positive and finite (one reduction; on CUDA a host read)."""
+def _raise_now_or_queue(bad: torch.Tensor, fail, reads) -> None:
+    """``fail()`` (which raises) if ``bad`` has a True entry: read now (on CUDA a host synchronisation), or queued
+    on ``reads`` (a ``fusedpg.host.HostReads``) to raise after the caller's one read."""
+    if reads is not None:
+        reads.check(bad, fail)
+    elif bool(bad.any()):
+        fail()
+
+
+def temperature_values(temp: Temperature, reads=None) -> None:
+    """Per-row temperatures must be positive and finite (one reduction; read now, or queued on ``reads``)."""
     flat = temp.rows
-    if flat is not None and flat.numel() and not bool(((flat > 0) & torch.isfinite(flat)).all()):
-        bad = flat[~((flat > 0) & torch.isfinite(flat))][0].item()
-        raise ValueError(f"temperature must be positive and finite, got a tensor containing {bad}")
+    if flat is None or not flat.numel():
+        return
+    bad = ~((flat > 0) & torch.isfinite(flat))
+
+    def fail():
+        raise ValueError(f"temperature must be positive and finite, got a tensor containing {flat[bad][0].item()}")
+
+    _raise_now_or_queue(bad, fail, reads)
 
 
-def targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """One reduction over the targets; on CUDA this is a host synchronisation."""
+def targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: Optional[int], reads=None,
+                     where: Optional[torch.Tensor] = None) -> None:
+    """One reduction over the targets (those equal to ``ignore_index`` pass; with ``where``, a bool mask of the
+    targets' shape, only those it marks are checked); read now, or queued on ``reads``."""
     if targets.numel() == 0:
         return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
+    bad = (targets < 0) | (targets >= vocab)
+    if ignore_index is not None:
+        bad &= targets != ignore_index
+    if where is not None:
+        bad &= where
+
+    def fail():
         first = targets[bad][0].item()
+        if where is not None:
+            raise ValueError(f"targets must lie in [0, {vocab}) on every token of the loss mask, got {first}")
         raise ValueError(
             f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}, got {first} "
             f"(pass check_targets=False or set FUSEDPG_CHECK_TARGETS=0 to skip this check)"
         )
+
+    _raise_now_or_queue(bad, fail, reads)
 
 
 def optional_bias(bias: Optional[torch.Tensor], weight: torch.Tensor) -> None:

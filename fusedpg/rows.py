@@ -34,3 +34,15 @@ class Rows:
             return x
         out = torch.zeros((self.n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         return out.index_copy_(0, self.idx, x)
+
+
+def kept_first(keep: torch.Tensor) -> torch.Tensor:
+    """Indices ``[N]`` of a bool ``keep [N]``: the kept positions in order, then the others in order.
+
+    With the number kept known on the host, ``kept_first(keep)[:count]`` is ``keep.nonzero()`` without its host
+    synchronisation: every position's slot comes from a cumulative sum, so the scatter is a permutation (no
+    duplicate slots, deterministic on every device)."""
+    pos = torch.arange(keep.shape[0], device=keep.device)
+    upto = keep.long().cumsum(0)  # kept positions up to and including each position
+    slot = torch.where(keep, upto - 1, upto[-1:] + pos - upto)
+    return torch.empty_like(pos).index_copy_(0, slot, pos)

@@ -12,16 +12,16 @@ from .logprob_entropy import _load_tempered, row_stats
 from .softmax_tile import LOG2E, grad_tile
 
 # SURROGATE codes
-CLIP: tl.constexpr = 0
-CISPO_TRL: tl.constexpr = 1
-CISPO_VERL: tl.constexpr = 2
-SAPO: tl.constexpr = 3
+CLIP = tl.constexpr(0)
+CISPO_TRL = tl.constexpr(1)
+CISPO_VERL = tl.constexpr(2)
+SAPO = tl.constexpr(3)
 # KL codes
-KL_NONE: tl.constexpr = 0
-KL_K1: tl.constexpr = 1
-KL_ABS: tl.constexpr = 2
-KL_K2: tl.constexpr = 3
-KL_K3: tl.constexpr = 4
+KL_NONE = tl.constexpr(0)
+KL_K1 = tl.constexpr(1)
+KL_ABS = tl.constexpr(2)
+KL_K2 = tl.constexpr(3)
+KL_K3 = tl.constexpr(4)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ atomics; program (query tile, batch x query head) forms dQ.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -17,12 +17,14 @@ from conftest import assert_all_ok
                                                                             temperature="per-token"),
                                   LinearCase(n=7, h=40, v=600, neg_inf_cols=3, bias=True, shift=-30.0)],
                          ids=["plain", "peaked-per-token", "neg-inf-cols"])
-def test_low_memory_backward_under_the_tolerance_model(backend, dtype, case):
+# chunk_bytes of 256-column blocks (the fewest) tiled by 1 row, by 3 rows (a short last tile), or in one tile
+@pytest.mark.parametrize("chunk_bytes", [1 << 10, 6 << 10, 32 << 10], ids=["rows-1", "rows-3", "rows-all"])
+def test_low_memory_backward_under_the_tolerance_model(backend, dtype, case, chunk_bytes):
     if backend.interpreted and dtype != torch.float32:
         pytest.skip("interpreter: fp32 is enough; memory=\"low\" runs torch GEMMs whatever the impl")
 
     def low(*args, **kwargs):
-        return fusedpg.linear_logprob_entropy(*args, memory="low", chunk_bytes=case.n * 4 * 16, **kwargs)
+        return fusedpg.linear_logprob_entropy(*args, memory="low", chunk_bytes=chunk_bytes, **kwargs)
 
     assert_all_ok(check_linear(LinearCase(**{**case.__dict__, "dtype": dtype}), impl=backend.impl,
                                device=backend.device, op=low))
@@ -89,5 +91,5 @@ def test_low_memory_backward_peaks_lower_on_cpu():
 
         peaks[memory] = min(measure.cpu_sample(call, reset, setup)[1] for _ in range(2))
     # default: an fp32 copy of the head and a [V, H] fp32 accumulator (16 MiB each) besides the bf16 d_weight
-    # (8 MiB); low: d_weight and 1 MiB blocks
-    assert peaks["low"] < 0.75 * peaks["default"], peaks
+    # (8 MiB): about 45 MiB; low: d_weight and four 1 MiB tile buffers, about 15 MiB
+    assert peaks["low"] < 0.5 * peaks["default"], peaks

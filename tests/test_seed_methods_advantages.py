@@ -1,6 +1,5 @@
 """COPO's blended advantage, HPT's gate, pairs for CoPG/P3O and Knapsack RL's budget allocation
 (docs/losses.md#advantage-estimators), on hand-computed cases, plus allocate -> ragged groups -> advantages."""
-import itertools
 import math
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 import fusedpg
 from fusedpg import advantages as adv
+from fusedpg.budget import knapsack_best_value_reference
 
 D = torch.float64
 
@@ -133,15 +133,6 @@ def test_pairs_feed_the_pairwise_losses(loss_type):
 
 
 # -------------------------------------------------------------------------------------------------------- budgets
-def _best_value(p, budget, lo, hi):
-    """Exhaustive search: the largest sum of V over every allocation within the bounds that spends the budget."""
-    best = -math.inf
-    for sizes in itertools.product(range(lo, hi + 1), repeat=len(p)):
-        if sum(sizes) == budget:
-            best = max(best, sum(adv.knapsack_value(n, q) for n, q in zip(sizes, p)))
-    return best
-
-
 def test_knapsack_value():
     assert adv.knapsack_value(3, 0.5) == pytest.approx((1 - 0.125 - 0.125) * 0.5 * 0.25)
     assert adv.knapsack_value(10, 0.0) == 0 and adv.knapsack_value(10, 1.0) == 0
@@ -155,7 +146,7 @@ def test_knapsack_allocation_is_optimal(seed):
     sizes = adv.knapsack_group_sizes(p, budget, min_size=2, max_size=8, confidence=None)
     assert sizes.sum() == budget and sizes.min() >= 2 and sizes.max() <= 8
     got = sum(adv.knapsack_value(int(n), float(q)) for n, q in zip(sizes, p))
-    assert got == pytest.approx(_best_value(p.tolist(), budget, 2, 8), rel=1e-12, abs=1e-15)
+    assert got == pytest.approx(knapsack_best_value_reference(p.tolist(), budget, 2, 8), rel=1e-12, abs=1e-15)
 
 
 def test_knapsack_fallback_and_unknown_rates():

@@ -7,6 +7,7 @@ import torch
 
 from .. import checks
 from ..backend import resolve_impl
+from ..memory_plan import resolve as resolve_memory
 from ..options import LogProbOptions
 from .reference import linear_logprob_entropy_reference
 from .op import linear_logprob_entropy_op
@@ -35,6 +36,7 @@ def linear_logprob_entropy(
     top_p: Union[float, torch.Tensor, None] = None,
     min_p: Union[float, torch.Tensor, None] = None,
     memory: str = "default",
+    memory_budget: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` and entropy of the tempered softmax of ``hidden @ weight.T + bias``.
 
@@ -66,6 +68,10 @@ def linear_logprob_entropy(
             on any device. See fusedpg/linear/README.md#truncated-sampling.
         memory: ``"default"`` or ``"low"``: the backward blocked over the vocabulary, with no ``[V, H]`` fp32
             accumulator (d_weight written once in the weight's dtype); see fusedpg/linear/README.md#low-memory-plan.
+        memory_budget: bytes this call may allocate besides its inputs (gradients included): the plan
+            (``"default"`` or ``"low"``) and the chunk size are chosen to fit, the fastest that does
+            (``fusedpg.memory_plan``; table in fusedpg/linear/README.md#choosing-by-budget). Leave ``memory`` and
+            ``chunk_bytes`` unset with it.
 
     Returns:
         ``(logp, entropy)``, fp32 with hidden's leading shape, differentiable w.r.t. hidden, weight and bias.
@@ -87,6 +93,7 @@ def linear_logprob_entropy(
             chunk_bytes=chunk_bytes, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
             deterministic=LogProbOptions.default_deterministic(deterministic))
     checks.linear_inputs(hidden, weight, targets, bias, multi=True)
+    memory, chunk_bytes = resolve_memory(memory_budget, memory, chunk_bytes, hidden, weight)
     lead = hidden.shape[:-1]
     multi = targets.dim() == hidden.dim()
     temp = checks.temperature(temperature, lead, hidden.device)

@@ -7,7 +7,9 @@ import torch
 import triton
 
 from .. import fixed_rows
+from ..gemm import accumulate_mm_
 from ..kernel_config import check_triton_dtype, programs_wanted, tile_config
+from ..logits.launch_triton import target_layout
 from ..options import LogProbOptions
 from ..temperature import Temperature
 from ..kernels.linear_logprob_entropy import (
@@ -25,7 +27,8 @@ def forward(
     temp: Temperature,
     opts: LogProbOptions,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``."""
+    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``; targets
+    ``[N, K]`` (-1: no target) give logp ``[N, K]``."""
     check_triton_dtype("hidden", hidden)
     bias = None if bias is None else bias.contiguous()  # the kernels read bias with unit stride
     n, h_dim = hidden.shape
@@ -41,23 +44,25 @@ def forward(
     splits = triton.cdiv(vocab, v_per_split)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, q = (torch.empty((splits, n), **f32) for _ in range(3))
-    zy = torch.empty(n, **f32)
+    y, k, kp = target_layout(targets)
+    zy = torch.empty(y.shape, **f32)
     t, stride_t = temp.kernel_arg(hidden.device)
-    y = targets.contiguous()
     _linear_logprob_entropy_fwd_kernel[(row_blocks, splits)](
         hidden, weight, bias if bias is not None else weight, y, t,
         m, s, q, zy,
-        n, vocab, h_dim, v_per_split,
+        n, vocab, h_dim, v_per_split, k,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_t,
         HAS_BIAS=bias is not None, COMPUTE_ENTROPY=opts.compute_entropy, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
-        BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, KP=kp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    logp, entropy, mx, log_s = (torch.empty(n, **f32) for _ in range(4))
+    logp = torch.empty(y.shape, **f32)
+    entropy, mx, log_s = (torch.empty(n, **f32) for _ in range(3))
     merge_bt = 128
     _linear_logprob_entropy_merge_kernel[(triton.cdiv(n, merge_bt),)](
-        m, s, q, zy, logp, entropy, mx, log_s, n, splits, COMPUTE_ENTROPY=opts.compute_entropy, BT=merge_bt,
+        m, s, q, zy, logp, entropy, mx, log_s, n, splits, k,
+        COMPUTE_ENTROPY=opts.compute_entropy, BT=merge_bt, KP=kp,
     )
-    return logp, entropy, mx, log_s
+    return logp.view(targets.shape), entropy, mx, log_s
 
 
 def backward(
@@ -81,8 +86,8 @@ def backward(
     their own chunks), and return them as they are.
 
     Per chunk of rows a kernel writes dL/du ``[rows, V]`` (fp32 for fp32 inputs, else the input dtype) into one
-    reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows and accumulates dweight
-    in fp32 across chunks.
+    reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows, and ``accumulate_mm_``
+    adds each chunk's dweight into the fp32 accumulator inside the GEMM (fusedpg/gemm.py).
     """
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
@@ -104,9 +109,9 @@ def backward(
         if need_b:
             db = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
     t, stride_t = temp.kernel_arg(hidden.device)
-    c = c.float().contiguous()
+    y, k, kp = target_layout(targets)
+    c = c.float().reshape(y.shape).contiguous()
     d = None if d is None else d.float().contiguous()
-    y = targets.contiguous()
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         r = hi - lo
@@ -114,10 +119,10 @@ def backward(
         _linear_logprob_entropy_bwd_kernel[(triton.cdiv(r, cfg.BT), triton.cdiv(vocab, cfg.BV))](
             h, weight, bias if bias is not None else weight, y[lo:], t[lo:] if stride_t else t,
             m[lo:], log_s[lo:], entropy[lo:], c[lo:], d[lo:] if d is not None else c, g,
-            r, vocab, h_dim,
+            r, vocab, h_dim, k,
             h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), stride_t, g.stride(0),
             HAS_BIAS=bias is not None, HAS_D=d is not None, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
-            BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, KP=kp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         gc = g[:r]
         if need_h and opts.deterministic:  # cuBLAS picks its algorithm by shape: fixed row blocks
@@ -127,8 +132,8 @@ def backward(
         if need_w:
             if single:
                 dw = torch.mm(gc.T, h)
-            else:
-                dw.add_(torch.mm(gc.T, h))
+            else:  # fp32 sum inside the GEMM: no [V, H] temporary, no bf16 rounding of the chunk's partial
+                accumulate_mm_(dw, gc, h)
         if need_b:
             db.add_(gc.sum(0, dtype=torch.float32))
     if accumulate is not None:

@@ -16,7 +16,7 @@ from ..rows import Rows
 from ..softmax_math import compute_dtype
 from ..temperature import Temperature
 from ..truncation import OUTSIDE_LOGP, Truncation
-from . import plan_torch
+from . import plan_low, plan_torch
 
 
 def _plan(impl: str):
@@ -51,16 +51,19 @@ def linear_logprob_entropy_op(
                                    deterministic=deterministic)
     trunc = Truncation(top_k, top_p, min_p)
     kept, y = _per_target(targets, ignore_index)
-    if trunc.active or kept is not None:  # thresholds and several targets: the torch plan, on any device
+    # thresholds, and several targets at low memory (its vocabulary-blocked forward takes one): the torch plan
+    if trunc.active or (kept is not None and low_memory):
         stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx), opts,
                                    trunc.take(rows.idx))
-        logp = torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]) if trunc.active else stats[0]
-        stats = (logp if kept is None else logp.masked_fill(~rows.take(kept), 0.0),) + tuple(stats[1:])
+        if trunc.active:
+            stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
     elif low_memory:  # blocked over the vocabulary: no fp32 copy of a half-precision head
-        stats = plan_torch.forward_vocab_blocked(rows.take(hidden), weight, bias, rows.take(targets),
-                                                 temp.take(rows.idx), opts)
-    else:
-        stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(targets), temp.take(rows.idx), opts)
+        stats = plan_low.forward_vocab_blocked(rows.take(hidden), weight, bias, rows.take(targets),
+                                               temp.take(rows.idx), opts)
+    else:  # both backends take [N, K] targets
+        stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx), opts)
+    if kept is not None:  # an ignored target's logp is 0
+        stats = (stats[0].masked_fill(~rows.take(kept), 0.0),) + tuple(stats[1:])
     return tuple(rows.scatter(x.to(out)) for x in stats)
 
 
@@ -117,9 +120,9 @@ def linear_logprob_entropy_backward_op(
                 rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
                 opts, needs)
         if low_memory:  # blocked over the vocabulary: torch GEMMs on any device (fusedpg/linear/README.md)
-            grads = plan_torch.backward_vocab_blocked(*args)
+            grads = plan_low.backward_vocab_blocked(*args)
         else:
-            grads = (plan_torch if trunc.active or kept is not None else _plan(impl)).backward(
+            grads = (plan_torch if trunc.active else _plan(impl)).backward(
                 *args, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (True, False, False)):

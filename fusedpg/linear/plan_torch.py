@@ -12,7 +12,7 @@ import torch
 
 from .. import fixed_rows
 from ..options import LogProbOptions
-from ..softmax_math import compute_dtype, merge_in_order, partial, rows_per_chunk, softmax_grad_, softmax_stats
+from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
 from ..truncation import Truncation, truncate_, truncated_coefficient
 
@@ -111,64 +111,3 @@ def backward(
         None if db is None else db.to(bias.dtype),
     )
 
-
-#: Low-memory plan: the widest vocabulary block's fp32 ``[N, block]`` buffer, unless chunk_bytes asks for less.
-LOW_BLOCK_BYTES = 16 << 20
-
-
-def low_block_columns(n: int, opts: LogProbOptions, itemsize: int) -> int:
-    """Columns of a low-memory vocabulary block: at least 256 (narrower blocks only add partial sums and calls)."""
-    return max(256, min(opts.chunk_bytes, LOW_BLOCK_BYTES) // max(1, n * itemsize))
-
-
-def forward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, opts: LogProbOptions):
-    """The low-memory forward: statistics per vocabulary block, merged in block order (the vocabulary-parallel
-    merge, within one process); each block of the head is upcast on its own, so a half-precision head is never
-    copied to fp32 whole. targets ``[N]``; returns (logp, entropy, m, log_s) like ``forward``."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    work = compute_dtype(hidden.dtype)
-    h = hidden if hidden.dtype == work else hidden.to(work)
-    cols = low_block_columns(n, opts, work.itemsize)
-    parts = []
-    for lo in range(0, vocab, cols):
-        hi = min(vocab, lo + cols)
-        w_block, b_block = compute_head(weight[lo:hi], None if bias is None else bias[lo:hi], work)
-        z = tempered_logits(h, w_block, b_block, temp, work)
-        local = torch.where((targets >= lo) & (targets < hi), targets - lo, -1)
-        parts.append(partial(*softmax_stats(z, local, opts.compute_entropy), local))
-    return merge_in_order(parts, opts.compute_entropy)
-
-
-def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, log_s, entropy, c, d,
-                           opts: LogProbOptions, needs: Tuple[bool, bool, bool]):
-    """The low-memory backward (``memory="low"``): blocked over the vocabulary instead of the rows.
-
-    For each block of columns it recomputes that block's logits for every row, forms dL/du from the saved row
-    statistics, writes the block's d_weight rows once in the weight's dtype (the sum over all N rows runs inside one
-    fp32 GEMM) and adds the block's part of d_hidden into an fp32 ``[N, H]`` accumulator. Extra memory: the
-    ``[N, block]`` buffer and that accumulator; never a ``[V, H]`` fp32 accumulator or a full-precision copy of the
-    head.
-    """
-    n, vocab = hidden.shape[0], weight.shape[0]
-    work = compute_dtype(hidden.dtype)
-    need_h, need_w, need_b = needs
-    h = hidden if hidden.dtype == work else hidden.to(work)
-    dh = torch.zeros((n, hidden.shape[1]), dtype=work, device=hidden.device) if need_h else None
-    dw = torch.empty_like(weight) if need_w else None
-    db = torch.empty(vocab, dtype=bias.dtype, device=bias.device) if need_b else None
-    c, d = c.to(work), (None if d is None else d.to(work))
-    cols = low_block_columns(n, opts, work.itemsize)
-    for lo in range(0, vocab, cols):
-        hi = min(vocab, lo + cols)
-        w_block, b_block = compute_head(weight[lo:hi], None if bias is None else bias[lo:hi], work)
-        z = tempered_logits(h, w_block, b_block, temp, work)
-        # a target outside this block has no one-hot term here (the vocabulary-parallel convention: -1)
-        here = (targets >= lo) & (targets < hi)
-        g = softmax_grad_(z, torch.where(here, targets - lo, -1), m, log_s, entropy, c, d, temp)
-        if need_w:
-            dw[lo:hi] = torch.mm(g.T, h)
-        if need_b:
-            db[lo:hi] = g.sum(0)
-        if need_h:
-            dh.addmm_(g, w_block)
-    return None if dh is None else dh.to(hidden.dtype), dw, db

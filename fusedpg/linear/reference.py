@@ -30,3 +30,31 @@ def linear_logprob_entropy_reference(
     if bias is not None:
         logits = logits + bias
     return logprob_entropy_reference(logits, targets, temperature, ignore_index, dtype, truncation)
+
+
+def sample_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    num_samples: int,
+    seed: int,
+    sample_ids: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: Union[float, torch.Tensor] = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float64 inverse-CDF draws of ``sample_logprob_entropy`` for hidden ``[N, H]`` and ids ``[N]``, with one flat
+    cumsum over the row: (tokens ``[N, K]``, margin ``[N, K]``), the margin being the distance of the draw's
+    uniform to the nearest edge of the drawn token's interval, as a fraction of the row's mass (a draw whose
+    margin is below the op's rounding of the probabilities may legitimately differ)."""
+    from ..sampling import uniforms
+
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    z = z / (temperature.double().reshape(-1, 1) if isinstance(temperature, torch.Tensor) else temperature)
+    p = torch.softmax(z, -1)
+    cum = p.cumsum(-1)
+    u = uniforms(seed, sample_ids, num_samples) * cum[:, -1:]
+    tokens = torch.searchsorted(cum, u, right=True).clamp(max=z.shape[1] - 1)
+    lo = torch.where(tokens > 0, cum.gather(1, (tokens - 1).clamp(min=0)), torch.zeros_like(u))
+    margin = torch.minimum(u - lo, cum.gather(1, tokens) - u) / cum[:, -1:]
+    return tokens, margin

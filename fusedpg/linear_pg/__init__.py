@@ -9,6 +9,7 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..linear import linear_logprob_entropy
+from ..memory_plan import resolve as resolve_memory
 from ..options import LogProbOptions
 from ..objective.validate import check_finite as check_finite_inputs
 from ..objective import (LossInputs, PGLossConfig, batch_coefficients, finalize_metrics, make_config, plan_of,
@@ -60,6 +61,7 @@ def fused_linear_pg_loss(
     top_p: Union[float, torch.Tensor, None] = None,
     min_p: Union[float, torch.Tensor, None] = None,
     memory: str = "default",
+    memory_budget: Optional[int] = None,
     **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss straight from the last hidden states and the LM-head weight.
@@ -89,6 +91,8 @@ def fused_linear_pg_loss(
             target lies outside the kept set.
         memory: ``"low"`` runs the head's backward blocked over the vocabulary (no ``[V, H]`` fp32 accumulator,
             d_weight written once in the weight's dtype) after the loss layer on the head's ``[N]`` outputs.
+        memory_budget: bytes the call may allocate besides its inputs; chooses ``memory`` and ``chunk_bytes`` as in
+            :func:`fusedpg.linear_logprob_entropy` (one-pass variants counted at 6·N·H·V).
         vocab_parallel_group, vocab_size, reduce_hidden_grad: a vocabulary-sharded head, as in
             :func:`fusedpg.linear_logprob_entropy`. The merged log-probs and entropy are the same on every rank, so
             is the loss; every plan runs as a recompute (statistics, loss, then the head's backward). Normalisers
@@ -104,6 +108,11 @@ def fused_linear_pg_loss(
         logp, entropy = fusedpg.linear_logprob_entropy(hidden, weight, targets, bias=bias, temperature=T)
         loss, metrics = fusedpg.pg_loss(logp, advantages, mask, entropy=entropy, old_logp=old_logp, ...)
     """
+    if loss_type == "otr":  # candidates sampled inside the head's pass: its own composition (otr.py)
+        return _otr(hidden, weight, targets, advantages, mask, bias=bias, temperature=temperature, impl=impl,
+                    chunk_bytes=chunk_bytes, deterministic=deterministic, config=config, plan=plan,
+                    inputs=LossInputs(old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids,
+                                      step_ids, token_weights, truncated), **options)
     parallel = vocab_parallel_group is not None or type(weight).__name__ == "DTensor"
     if not parallel:
         checks.linear_inputs(hidden, weight, targets, bias)
@@ -117,6 +126,8 @@ def fused_linear_pg_loss(
         check_finite_inputs(mask, hidden=hidden, weight=weight, bias=bias, advantages=advantages, **inputs.floats())
     key = config_key(config, loss_type, tuple(options.items()))
     run_plan = plan_for(key, plan)
+    memory, chunk_bytes = resolve_memory(memory_budget, memory, chunk_bytes, hidden, weight,
+                                         one_pass=run_plan != "two_phase")
     temp = checks.temperature(temperature, lead, hidden.device)
     impl = resolve_impl(impl, hidden.device)
     flat_temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
@@ -152,6 +163,20 @@ def fused_linear_pg_loss(
     if return_token_stats:
         metrics["logp"], metrics["entropy"] = out[5].detach().reshape(lead), out[6].detach().reshape(lead)
     return out[0], metrics
+
+
+def _otr(hidden, weight, labels, advantages, mask, *, config, plan, inputs, **kwargs):
+    """``loss_type="otr"``: rewards come from the labels, so the loss takes no advantages and no per-token inputs."""
+    from .otr import otr_loss
+
+    if advantages is not None:
+        raise ValueError("advantages must be None for loss_type='otr' (each candidate's reward comes from targets, "
+                         f"the ground-truth tokens), got {checks._describe(advantages)}")
+    given = list(inputs.present()) + (["config"] if config is not None else []) + (["plan"] if plan else [])
+    if given:
+        raise ValueError(f"loss_type='otr' takes none of {given}: its options are num_samples, otr_beta, "
+                         "otr_baseline, seed, sample_ids and aggregation")
+    return otr_loss(hidden, weight, labels, mask=mask, **kwargs)
 
 
 def _outside_kept(metrics, mask, lead, keep_stats):

@@ -6,30 +6,30 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ..gemm import accumulate_mm_
 from ..objective import (PGBatch, PGLossConfig, batch_coefficients, epilogue_spec, merge_metrics, plan_of,
                          token_loss)
 from ..options import LogProbOptions
+from ..rows import kept_first
 from ..softmax_math import rows_per_chunk
 from ..temperature import Temperature
 from .autograd_worker import loss_and_coefficients
 from .steps import TorchStep, TritonStep
 
 
-def _active_prefix_counts(active: torch.Tensor) -> List[int]:
-    """Active tokens before each position, ``[N + 1]`` on the host: the one host read of the chunk planning."""
-    return torch.cat([active.new_zeros(1, dtype=torch.long), active.long().cumsum(0)]).tolist()
-
-
-def _sequence_chunks(offsets, csum: List[int], max_rows: int) -> List[Tuple[int, int]]:
+def _sequence_chunks(offsets, counted, max_rows: int) -> List[Tuple[int, int]]:
+    """Chunks of whole sequences with at most ``max_rows`` active tokens (a longer sequence alone), as pairs of
+    indices into ``offsets``; ``counted`` holds the active tokens before each offset."""
     if len(offsets) < 2:
         return []
-    chunks, lo = [], offsets[0]
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        if b > lo and csum[b] - csum[lo] > max_rows and a > lo:
-            chunks.append((lo, a))
-            lo = a
-    if offsets[-1] > lo or not chunks:
-        chunks.append((lo, offsets[-1]))
+    chunks, lo = [], 0
+    for j in range(1, len(offsets) - 1):  # cut before sequence j when the chunk would outgrow max_rows with it
+        if offsets[j] > offsets[lo] and counted[j + 1] - counted[lo] > max_rows:
+            chunks.append((lo, j))
+            lo = j
+    last = len(offsets) - 1
+    if offsets[last] > offsets[lo] or not chunks:
+        chunks.append((lo, last))
     return chunks
 
 
@@ -47,7 +47,8 @@ class PassResult(NamedTuple):
 
 def one_pass(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, cfg: PGLossConfig, impl: str,
              chunk_bytes: int, needs) -> PassResult:
-    """Loss, metric sums and, where ``needs`` asks, (dh, dW, db), all in this one pass over the chunks."""
+    """Loss, metric sums and, where ``needs`` asks, (dh, dW, db), all in this one pass over the chunks. ``batch``
+    carries ``active_offsets`` (``prepare_pending(..., count_active=True)``): the chunks are planned without a read."""
     opts = LogProbOptions.budgeted(chunk_bytes)
     need_h, need_w, need_b = needs
     work = batch.dtype
@@ -65,10 +66,11 @@ def one_pass(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, c
     loss = torch.zeros((), dtype=work, device=hidden.device)
     sums: Dict[str, torch.Tensor] = {}
     kernel = _epilogue(cfg, batch) if impl == "triton" else None
-    csum = _active_prefix_counts(batch.active)
-    active_rows = torch.nonzero(batch.active).squeeze(1)  # once: per-chunk nonzero would sync every chunk
-    for lo, hi in _sequence_chunks(batch.offsets, csum, max_rows):
-        idx = active_rows[csum[lo]:csum[hi]]
+    counted = batch.active_offsets  # counted by prepare in the call's one host read (op.py)
+    active_rows = kept_first(batch.active)  # its first counted[-1] entries: the active rows, with no nonzero sync
+    for s, e in _sequence_chunks(batch.offsets, counted, max_rows):
+        lo, hi = batch.offsets[s], batch.offsets[e]
+        idx = active_rows[counted[s]:counted[e]]
         part = batch.slice(lo, hi)
         h, y, t = hidden.index_select(0, idx), targets.index_select(0, idx), temp.take(idx)
         grad_out = (torch.empty_like(h) if need_h else None, dw, db)
@@ -148,7 +150,7 @@ def _chunk_epilogue(weight, bias, h, y, t, part, rows, kernel, grad_out, cfg):
         if dh_out is not None:
             torch.mm(x, weight, out=dh_out)
         if dw_acc is not None:
-            dw_acc.add_(torch.mm(x.T, h))
+            accumulate_mm_(dw_acc, x, h)
         if db_acc is not None:
             db_acc += x.sum(0, dtype=torch.float32)
     _, part_sums = token_loss(part, lp, en, cfg)  # metrics only: detached [n] math

@@ -17,8 +17,10 @@ import torch
 
 from .. import checks
 from ..compile_support import constant_result
+from ..host import HostReads
 from ..objective import (LossInputs, PGLossConfig, batch_coefficients, make_config, metric_vector, plan_of, prepare,
                          token_loss)
+from ..objective.batch import prepare_pending
 from ..softmax_math import compute_dtype
 from ..temperature import Temperature
 from .driver import one_pass, two_phase
@@ -94,14 +96,16 @@ def fused_linear_pg_loss_op(
     cfg = config_of(config)
     bundle = LossInputs.from_list(inputs)
     dtype = _loss_dtype(hidden)
-    batch = prepare(advantages, mask, bundle, dtype=dtype, config=cfg)
+    # The call's one host read (README.md#host-synchronisation): prepare's flags and packed sequence starts, the
+    # active tokens per sequence (chunk planning), the targets and temperature checks, all queued, then read once.
+    reads = HostReads()
+    pending = prepare_pending(advantages, mask, bundle, reads, dtype=dtype, config=cfg, count_active=True)
     y = targets.reshape(-1)
-    bad = batch.active & ((y < 0) | (y >= weight.shape[0]))
-    if y.numel() and bool(bad.any()):
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) on every token of the loss mask, got "
-                         f"{y[bad][0].item()}")
+    checks.targets_in_range(y, weight.shape[0], None, reads=reads, where=pending.active)
     temp = Temperature.of(temp_rows, temp_value)
-    checks.temperature_values(temp)
+    checks.temperature_values(temp, reads=reads)
+    reads.read()
+    batch = pending.finish()
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     run = two_phase if plan == "two_phase" else one_pass
     res = run(hidden, weight, bias, y, temp, batch, cfg, impl, chunk_bytes, needs)

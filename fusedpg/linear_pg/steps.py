@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..gemm import accumulate_mm_
 from ..linear.plan_torch import compute_head, tempered_logits
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, softmax_grad_, softmax_stats
@@ -33,7 +34,7 @@ class TorchStep:
         if dh_out is not None:
             dh_out.copy_(torch.mm(g, self.w))
         if dw_acc is not None:
-            dw_acc.addmm_(g.T, h if h.dtype == self.work else h.to(self.work))
+            accumulate_mm_(dw_acc, g, h)
         if db_acc is not None:
             db_acc += g.sum(0)
 
@@ -67,6 +68,6 @@ class TritonStep:
         if dh_out is not None:
             torch.mm(g, self.weight, out=dh_out)
         if dw_acc is not None:
-            dw_acc.add_(torch.mm(g.T, h))
+            accumulate_mm_(dw_acc, g, h)
         if db_acc is not None:
             db_acc += g.sum(0, dtype=torch.float32)

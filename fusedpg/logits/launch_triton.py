@@ -24,25 +24,43 @@ def _rowwise(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def target_layout(targets: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """(targets for the kernels, K, KP): ``[N, K]`` row-major with KP = K padded to a power of 2; ``[N]`` and
+    ``[N, 1]`` targets go to the single-target kernels as ``[N]`` (K = KP = 1), so an ``[N, 1]`` call is bitwise an
+    ``[N]`` one."""
+    y = targets.contiguous()
+    if y.dim() == 1 or y.shape[1] == 1:
+        return y.view(-1), 1, 1
+    return y, y.shape[1], triton.next_power_of_2(y.shape[1])
+
+
+def _row_valid(valid: torch.Tensor) -> torch.Tensor:
+    """Rows with a kept target: ``[N]`` from valid ``[N]`` or ``[N, K]``."""
+    return valid.any(1) if valid.dim() == 2 else valid
+
+
 def forward(
     logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp: Temperature, opts: LogProbOptions
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``."""
+    """logits ``[N, V]``, targets ``[N]`` (clamped) or ``[N, K]`` (-1 where ignored), valid like targets ->
+    (logp like targets, entropy, m, log_s ``[N]``), fp32."""
     check_triton_dtype("logits", logits)
     x = _rowwise(logits)
     n, vocab = x.shape
+    y, k, kp = target_layout(targets)
     f32 = dict(dtype=torch.float32, device=x.device)
-    logp, entropy, m, log_s = (torch.empty(n, **f32) for _ in range(4))
+    logp = torch.empty(y.shape, **f32)
+    entropy, m, log_s = (torch.empty(n, **f32) for _ in range(3))
     if n == 0:
-        return logp, entropy, m, log_s
+        return logp.view(targets.shape), entropy, m, log_s
     t, stride_t = temp.kernel_arg(x.device)
     bt, bv, warps = _blocks(vocab)
     _logprob_entropy_fwd_kernel[(triton.cdiv(n, bt),)](
-        x, targets.contiguous(), t, logp, entropy, m, log_s, n, vocab, x.stride(0), stride_t,
-        COMPUTE_ENTROPY=opts.compute_entropy, BT=bt, BV=bv, num_warps=warps,
+        x, y, t, logp, entropy, m, log_s, n, vocab, k, x.stride(0), stride_t,
+        COMPUTE_ENTROPY=opts.compute_entropy, BT=bt, BV=bv, KP=kp, num_warps=warps,
     )
     zero = torch.zeros((), **f32)
-    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero), m, log_s
+    return torch.where(valid, logp.view(targets.shape), zero), torch.where(_row_valid(valid), entropy, zero), m, log_s
 
 
 def backward(
@@ -64,14 +82,15 @@ def backward(
     if n == 0:
         return out
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    c = torch.where(valid, c.float(), zero).contiguous()
-    d = None if d is None else torch.where(valid, d.float(), zero).contiguous()
+    y, k, kp = target_layout(targets)
+    c = torch.where(valid, c.float(), zero).reshape(y.shape).contiguous()
+    d = None if d is None else torch.where(_row_valid(valid), d.float(), zero).contiguous()
     t, stride_t = temp.kernel_arg(x.device)
     bt, bv, warps = _blocks(vocab)
     bt_b, bv_b = (bt, bv) if triton_interpreting() else (4, min(1024, bv))
     _logprob_entropy_bwd_kernel[(triton.cdiv(n, bt_b), triton.cdiv(vocab, bv_b))](
-        x, targets.contiguous(), t, m, log_s, entropy, c, d if d is not None else c, out,
-        n, vocab, x.stride(0), stride_t, out.stride(0),
-        HAS_D=d is not None, BT=bt_b, BV=bv_b, num_warps=warps if bt_b == 1 else 4,
+        x, y, t, m, log_s, entropy, c, d if d is not None else c, out,
+        n, vocab, k, x.stride(0), stride_t, out.stride(0),
+        HAS_D=d is not None, BT=bt_b, BV=bv_b, KP=kp, num_warps=warps if bt_b == 1 else 4,
     )
     return out

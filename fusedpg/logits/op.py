@@ -54,10 +54,10 @@ def logprob_entropy_op(
     out = compute_dtype(logits.dtype)
     opts = _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic)
     trunc = Truncation(top_k, top_p, min_p)
-    if trunc.active or targets.dim() == 2:  # thresholds and several targets: the torch plan, on any device
+    if trunc.active:  # thresholds: the torch plan, on any device
         stats = plan_torch.forward(logits, y, valid, temp, opts, trunc)
-        if trunc.active:  # ignored targets are already 0: only a target outside the kept set is -inf here
-            stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
+        # ignored targets are already 0: only a target outside the kept set is -inf here
+        stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
     else:
         stats = _plan(impl).forward(logits, y, valid, temp, opts)
     return tuple(x.to(out) for x in stats)
@@ -74,10 +74,10 @@ def _(logits, targets, temp_rows, temp_value, ignore_index, compute_entropy, che
 def _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, log_s, entropy, ignore_index,
           compute_entropy, impl, chunk_bytes, deterministic, top_k, top_p, min_p, inplace) -> torch.Tensor:
     y, valid = _valid_targets(targets, ignore_index)
-    c = grad_logp if grad_logp is not None else torch.zeros_like(m)
+    c = grad_logp if grad_logp is not None else torch.zeros(targets.shape, dtype=m.dtype, device=m.device)
     d = grad_entropy if compute_entropy else None
     trunc = Truncation(top_k, top_p, min_p)
-    return (plan_torch if trunc.active or targets.dim() == 2 else _plan(impl)).backward(
+    return (plan_torch if trunc.active else _plan(impl)).backward(
         logits, y, valid, Temperature.of(temp_rows, temp_value), m, log_s, entropy, c, d,
         _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic),
         **({"trunc": trunc} if trunc.active else {}))

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..host import HostReads
 from . import aggregation
 from .config import PGLossConfig, make_config, resolve
 from .inputs import LossInputs
-from .validate import flat_inputs
+from .validate import flat_inputs, flat_layout
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class PGBatch:
     step: Optional[torch.Tensor] = None
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)  # variant tensors: [N] or 0-dim scalars
     shape: Optional[Tuple[int, int]] = None  # (B, T) of a padded input, None for packed input
+    # active tokens before each offset (host ints, like offsets), where prepare was asked to count them
+    active_offsets: Optional[Tuple[int, ...]] = None
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +76,8 @@ class PGBatch:
                 cut[f.name] = v[lo:hi]
         cut["seq_local"] = self.seq_local[lo:hi] - a
         cut["offsets"] = tuple(o - lo for o in self.offsets[a:b + 1])
+        if self.active_offsets is not None:
+            cut["active_offsets"] = tuple(c - self.active_offsets[a] for c in self.active_offsets[a:b + 1])
         cut["extra"] = {k: (v[lo:hi] if v.dim() == 1 else v) for k, v in self.extra.items()}
         return dataclasses.replace(self, **cut)
 
@@ -100,36 +106,72 @@ def prepare(
     ``step_ids`` (EMPG turns) and ``token_weights`` (a precomputed multiplier of the policy term, e.g. GTPO's
     conflict weights) are per token. ``dtype`` is the working precision (default: fp32, or fp64 if an input is).
     The optional tensors come as one ``LossInputs`` or as keywords (``old_logp=...``); other keywords are options.
+    At most one host read (validation flags, packed sequence starts), plus what a variant's ``prep`` needs.
     """
+    reads = HostReads()
+    pending = prepare_pending(advantages, mask, inputs, reads, dtype=dtype, loss_type=loss_type, config=config,
+                              **kwargs)
+    reads.read()
+    return pending.finish()
+
+
+def prepare_pending(advantages, mask, inputs: Optional[LossInputs], reads: HostReads, *,
+                    dtype: Optional[torch.dtype] = None, loss_type: Optional[str] = None,
+                    config: Optional[PGLossConfig] = None, count_active: bool = False, **kwargs) -> "PendingBatch":
+    """``prepare`` in two halves around the caller's one host read: this half does the device work and queues what
+    the host needs on ``reads``; the caller may queue its own values (e.g. checks on ``pending.active``), calls
+    ``reads.read()``, then ``pending.finish()``. ``count_active`` also queues the active tokens per sequence, for
+    ``PGBatch.active_offsets``."""
     given, options = LossInputs.split(kwargs)
     inputs = given if inputs is None else inputs
     cfg = resolve(make_config(config, loss_type, **options))
-    var = cfg.variant
-    f = flat_inputs(cfg, var, advantages, mask, inputs, dtype)
-    m, seq, nseq = f["mask"], f["seq"], f["num_seqs"]
+    f = flat_layout(cfg, advantages, mask, inputs, dtype, reads)
+    m = f["mask"]
     # luspo_unmasked (TRL parity) lets padded cells contribute, so they stay active and unsanitised
     active = torch.ones_like(m, dtype=torch.bool) if cfg.luspo_unmasked else m > 0
-    zero = torch.zeros((), dtype=m.dtype, device=m.device)
-    for name in ("old_logp", "ref_logp", "rollout_logp", "old_entropy"):
-        if f.get(name) is not None:  # -inf / garbage on masked tokens must not reach exp or autograd
-            f[name] = torch.where(active, f[name], zero)
-    # a NaN advantage of a fully masked sequence must not reach the loss through 0 * NaN; finite ones stay, since
-    # sequence-level quantities (VESPO's phi) read the advantage on every token of the sequence
-    f["advantages"] = torch.where(active | torch.isfinite(f["advantages"]), f["advantages"], zero)
-    f["extra"] = {} if f.get("truncated") is None else {"truncated": f["truncated"]}  # per token, 0/1
-    f["is_weights"] = _rollout_weights(cfg, f, m, seq, nseq)
-    token_shaped = (cfg.importance_sampling_level != "sequence" or cfg.beta != 0 or cfg.top_entropy_quantile < 1
-                    or not f["adv_per_seq"] or (f["is_weights"] is not None and not f["is_seq_weights"]))
-    w = aggregation.policy_weights(m, seq, nseq, cfg, width=f["width"], group=f.get("group"),
-                                   token_shaped=token_shaped)
-    batch = PGBatch(
-        mask=m, active=active, seq_local=seq, offsets=f["offsets"], advantages=f["advantages"], weights=w,
-        entropy_weights=aggregation.entropy_weights(m, m, w, cfg), adv_per_seq=f["adv_per_seq"],
-        old_logp=f.get("old_logp"), ref_logp=f.get("ref_logp"), rollout_logp=f.get("rollout_logp"),
-        is_weights=f["is_weights"], token_weights=f.get("token_weights"), old_entropy=f.get("old_entropy"),
-        group=f.get("group"), step=f.get("step"), extra=f["extra"], shape=f["shape"],
-    )
-    return batch if var.prep is None else batch.updated(var.prep(batch, cfg))
+    counts = None
+    if count_active:
+        slots = torch.zeros(f["seq_slots"], dtype=torch.long, device=m.device)
+        counts = reads.add(slots.index_add_(0, f["seq"], active.long()))
+    return PendingBatch(cfg, f, active, (advantages, mask, inputs), reads, counts)
+
+
+class PendingBatch:
+    """The device half of ``prepare``: ``active`` (bool ``[N]``) is final; ``finish()`` after the read."""
+
+    def __init__(self, cfg, f, active, given, reads: HostReads, counts: Optional[int]):
+        self.cfg, self.f, self.active, self.given, self.reads, self.counts = cfg, f, active, given, reads, counts
+
+    def finish(self) -> PGBatch:
+        cfg, active, reads = self.cfg, self.active, self.reads
+        advantages, mask, inputs = self.given
+        f = flat_inputs(cfg, self.f, advantages, mask, inputs, reads)
+        m, seq, nseq = f["mask"], f["seq"], f["num_seqs"]
+        zero = torch.zeros((), dtype=m.dtype, device=m.device)
+        for name in ("old_logp", "ref_logp", "rollout_logp", "old_entropy"):
+            if f.get(name) is not None:  # -inf / garbage on masked tokens must not reach exp or autograd
+                f[name] = torch.where(active, f[name], zero)
+        # a NaN advantage of a fully masked sequence must not reach the loss through 0 * NaN; finite ones stay, since
+        # sequence-level quantities (VESPO's phi) read the advantage on every token of the sequence
+        f["advantages"] = torch.where(active | torch.isfinite(f["advantages"]), f["advantages"], zero)
+        f["extra"] = {} if f.get("truncated") is None else {"truncated": f["truncated"]}  # per token, 0/1
+        f["is_weights"] = _rollout_weights(cfg, f, m, seq, nseq)
+        token_shaped = (cfg.importance_sampling_level != "sequence" or cfg.beta != 0 or cfg.top_entropy_quantile < 1
+                        or not f["adv_per_seq"] or (f["is_weights"] is not None and not f["is_seq_weights"]))
+        w = aggregation.policy_weights(m, seq, nseq, cfg, width=f["width"], group=f.get("group"),
+                                       token_shaped=token_shaped)
+        counted = None
+        if self.counts is not None:
+            counted = tuple(itertools.accumulate(reads.get(self.counts)[:nseq], initial=0))
+        batch = PGBatch(
+            mask=m, active=active, seq_local=seq, offsets=f["offsets"], advantages=f["advantages"], weights=w,
+            entropy_weights=aggregation.entropy_weights(m, m, w, cfg), adv_per_seq=f["adv_per_seq"],
+            old_logp=f.get("old_logp"), ref_logp=f.get("ref_logp"), rollout_logp=f.get("rollout_logp"),
+            is_weights=f["is_weights"], token_weights=f.get("token_weights"), old_entropy=f.get("old_entropy"),
+            group=f.get("group"), step=f.get("step"), extra=f["extra"], shape=f["shape"], active_offsets=counted,
+        )
+        var = cfg.variant
+        return batch if var.prep is None else batch.updated(var.prep(batch, cfg))
 
 
 def _rollout_weights(cfg, f, m, seq, nseq) -> Optional[torch.Tensor]:
@@ -157,4 +199,4 @@ def _rollout_weights(cfg, f, m, seq, nseq) -> Optional[torch.Tensor]:
     return None if w is None else w.detach()
 
 
-__all__ = ["PGBatch", "prepare"]
+__all__ = ["PGBatch", "PendingBatch", "prepare", "prepare_pending"]

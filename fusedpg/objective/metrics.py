@@ -64,8 +64,8 @@ def metric_vector(sums: Dict[str, torch.Tensor], keys, dtype, device) -> torch.T
     """``sums`` as one vector in the order of ``keys``; a key without a value (an empty batch) holds the identity
     of its merge (0, or +inf / -inf for ``_min`` / ``_max``, which ``finalize_metrics`` reports as 0)."""
     identity = {"_min": math.inf, "_max": -math.inf}
-    return torch.stack([sums[k].to(dtype) if k in sums else torch.tensor(identity.get(k[-4:], 0.0), dtype=dtype,
-                                                                           device=device) for k in keys]) \
+    return torch.stack([sums[k].to(dtype) if k in sums else torch.full((), identity.get(k[-4:], 0.0), dtype=dtype,
+                                                                         device=device) for k in keys]) \
         if keys else torch.zeros(0, dtype=dtype, device=device)
 
 
@@ -77,7 +77,9 @@ class MetricSums:
         self.dtype, self.device = dtype, device
 
     def add(self, name: str, value) -> None:
-        value = torch.as_tensor(value).detach().to(device=self.device, dtype=self.dtype).sum()
+        if not isinstance(value, torch.Tensor):  # a host number: filled on the device (a copy there syncs on CUDA)
+            value = torch.full((), value, dtype=self.dtype, device=self.device)
+        value = value.detach().to(device=self.device, dtype=self.dtype).sum()
         self.d[name] = self.d[name] + value if name in self.d else value
 
     def min(self, name: str, values: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
@@ -92,5 +94,5 @@ class MetricSums:
         if where is not None:
             v = torch.where(where, v, torch.full_like(v, identity))
         if v.numel() == 0:
-            return torch.tensor(identity, dtype=self.dtype, device=self.device)
+            return torch.full((), identity, dtype=self.dtype, device=self.device)
         return reduce(v)

@@ -6,20 +6,27 @@ from typing import Optional
 import torch
 
 from .. import checks
+from ..host import HostReads
+from ..rows import kept_first
 from .config import plan_of, requirements
 from .inputs import LossInputs
 
 _SEQ_AGGREGATIONS = ("grpo", "dr_grpo", "luspo", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
-def _binary(name: str, t: torch.Tensor) -> None:
+def _binary(name: str, t: torch.Tensor, reads: HostReads) -> None:
+    """Queued on ``reads``: the check raises after the caller's one host read."""
     if t.dtype == torch.bool:
         return
     if t.dtype.is_complex:
         raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {checks._describe(t)}")
-    if t.numel() and not bool(((t == 0) | (t == 1)).all()):
+
+    def fail():
         bad = t[(t != 0) & (t != 1)][0].item()
         raise ValueError(f"{name} must be binary (bool or 0/1), got a tensor containing {bad}")
+
+    if t.numel():
+        reads.check((t != 0) & (t != 1), fail)
 
 
 def _same_shape(name: str, t: Optional[torch.Tensor], ref: torch.Tensor, floating: bool = True):
@@ -52,13 +59,48 @@ def _per_seq_or_token(name: str, t: torch.Tensor, mask: torch.Tensor, nseq: int,
     raise ValueError(f"{name} must have shape {expect} to match mask {tuple(mask.shape)}, got {checks._describe(t)}")
 
 
-def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
-    old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, group_ids, step_ids, token_weights, \
-        truncated = inputs.as_list()
+def _fail(message: str):
+    def fail():
+        raise ValueError(message)
+
+    return fail
+
+
+def _one_per_sequence(name: str, t: torch.Tensor, out: dict, seq: torch.Tensor, reads: HostReads) -> None:
+    """``t`` holds one flag per sequence: checked now where the count is known on the host, else (packed seq_ids)
+    queued against the count on the device; the error path reads the count to name it."""
+    k = t.reshape(-1).shape[0]
+    known = len(out["offsets"]) - 1 if "offsets" in out else None if seq.numel() else 0
+
+    def fail():
+        nseq = known if known is not None else int(seq[-1]) + 1
+        raise ValueError(f"{name} must hold one flag per sequence ({nseq},), got {checks._describe(t)}")
+
+    if known is not None:
+        if k != known:
+            fail()
+    elif k == 0:  # nothing to gather from: raise before the gather would
+        fail()
+    else:
+        reads.check(seq[-1:] + 1 != k, fail)
+
+
+def _clamped(seq: torch.Tensor, per_seq: torch.Tensor) -> torch.Tensor:
+    """``seq`` as indices into ``per_seq``, clamped: a wrong length raises after the host read (queued above),
+    not as a device-side index error before it."""
+    return seq.clamp(max=max(per_seq.numel() - 1, 0))
+
+
+def flat_layout(cfg, advantages, mask, inputs: LossInputs, dtype, reads: HostReads) -> dict:
+    """The first half of ``prepare``'s flattening, before the host read: the checks, the working dtype ``work``,
+    the float mask ``[N]`` and the sequence index ``seq [N]`` on the device. What the host needs from the device
+    (validation flags; packed input's sequence starts ``starts`` and count ``num_seqs_slot``) is queued on
+    ``reads``; ``seq_slots`` bounds the number of sequences (``seq`` lies in ``[0, seq_slots)``)."""
+    old_logp, ref_logp, rollout_logp, is_weights, old_entropy, seq_ids, _, _, _, truncated = inputs.as_list()
     checks.tensor("mask", mask)
     if mask.dim() not in (1, 2):
         raise ValueError(f"mask must be [B, T] or packed [N], got {checks._describe(mask)}")
-    _binary("mask", mask)
+    _binary("mask", mask, reads)
     checks.floating("advantages", advantages)
     given = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp, "old_entropy": old_entropy}
     for name in sorted(requirements(cfg) - {"entropy"}):
@@ -78,7 +120,8 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
         if seq_ids is not None:
             raise ValueError(f"seq_ids is for packed [N] input only; mask is [B, T] = {tuple(mask.shape)}")
         seq = torch.arange(b, device=dev).repeat_interleave(t)
-        offsets = tuple(range(0, b * t + 1, t)) if t > 0 else (0,) * (b + 1)
+        out["offsets"] = tuple(range(0, b * t + 1, t)) if t > 0 else (0,) * (b + 1)
+        out["seq_slots"] = b
     elif seq_ids is None:
         plan = plan_of(cfg)
         why = (f"the {plan} plan" if plan != "one_pass" else
@@ -88,20 +131,21 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
             raise ValueError(f"seq_ids is required for packed [N] input with {why} (it needs sequence "
                              "boundaries), got None")
         seq = torch.zeros(n, dtype=torch.long, device=dev)
-        offsets = (0, n) if n else (0,)
+        out["offsets"] = (0, n) if n else (0,)
+        out["seq_slots"] = 1 if n else 0
     else:
         checks.integer("seq_ids", seq_ids)
         checks.same_device("seq_ids", seq_ids, "mask", mask)
         if tuple(seq_ids.shape) != (n,):
             raise ValueError(f"seq_ids must have shape ({n},) like mask, got {checks._describe(seq_ids)}")
-        if n and bool((seq_ids[1:] < seq_ids[:-1]).any()):
-            raise ValueError("seq_ids must be non-decreasing (each sequence one contiguous run), got a decrease")
+        if n:
+            reads.check(seq_ids[1:] < seq_ids[:-1], _fail("seq_ids must be non-decreasing (each sequence one "
+                                                          "contiguous run), got a decrease"))
         change = torch.ones(n, dtype=torch.bool, device=dev)
         change[1:] = seq_ids[1:] != seq_ids[:-1]
         seq = torch.cumsum(change.long(), 0) - 1
-        starts = torch.nonzero(change).flatten().tolist()
-        offsets = tuple(starts) + (n,) if n else (0,)
-    nseq = len(offsets) - 1
+        # the starts, first, without nonzero's synchronisation; the count tells where they end (flat_inputs)
+        out.update(starts=reads.add(kept_first(change)), num_seqs_slot=reads.add(seq[-1:] + 1), seq_slots=n)
     if mask.dim() == 1 and cfg.aggregation == "seq-mean-token-sum-norm" and cfg.loss_scale_factor is None:
         raise ValueError("loss_scale_factor is required for aggregation='seq-mean-token-sum-norm' with packed [N] "
                          "input (verl's default C is the padded width T, which packed input does not have)")
@@ -110,14 +154,29 @@ def flat_inputs(cfg, var, advantages, mask, inputs: LossInputs, dtype) -> dict:
     m = mask.reshape(-1).to(work)
     if truncated is not None:
         checks.tensor("truncated", truncated)
-        if tuple(truncated.reshape(-1).shape) != (nseq,):
-            raise ValueError(f"truncated must hold one flag per sequence ({nseq},), got {checks._describe(truncated)}")
-        _binary("truncated", truncated)
-        out["truncated"] = truncated.reshape(-1).to(device=dev, dtype=work)[seq]  # per token (HPT's demo flag)
+        _one_per_sequence("truncated", truncated, out, seq, reads)
+        _binary("truncated", truncated, reads)
+        flags = truncated.reshape(-1).to(device=dev, dtype=work)
+        out["truncated"] = flags[_clamped(seq, flags)]  # per token (HPT's demo flag)
         if cfg.mask_truncated_completions:
             m = m * (1 - out["truncated"])
+    out.update(mask=m, seq=seq, work=work)
+    return out
+
+
+def flat_inputs(cfg, f: dict, advantages, mask, inputs: LossInputs, reads: HostReads) -> dict:
+    """The second half, after ``reads.read()``: the sequence offsets, and the loss inputs flattened to ``[N]`` in
+    the working dtype (per-sequence ones broadcast to their tokens). Adds to and returns ``f``."""
+    old_logp, ref_logp, rollout_logp, is_weights, old_entropy, _, group_ids, step_ids, token_weights, _ = \
+        inputs.as_list()
+    out, seq, work = f, f["seq"], f["work"]
+    if "starts" in out:  # packed seq_ids: the first num_seqs entries of the queued starts
+        n = mask.numel()
+        nseq = reads.get(out["num_seqs_slot"])[0] if n else 0
+        out["offsets"] = tuple(reads.get(out["starts"])[:nseq]) + (n,) if n else (0,)
+    nseq = len(out["offsets"]) - 1
     adv, per_seq = _per_seq_or_token("advantages", advantages, mask, nseq, seq)
-    out.update(mask=m, seq=seq, num_seqs=nseq, offsets=offsets, advantages=adv.detach().to(work), adv_per_seq=per_seq)
+    out.update(num_seqs=nseq, advantages=adv.detach().to(work), adv_per_seq=per_seq)
     for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp),
                         ("old_entropy", old_entropy), ("token_weights", token_weights)):
         v = _same_shape(name, value, mask)

@@ -45,6 +45,8 @@ def _primitive_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Compa
         ("linear_logprob_entropy[trunc]", lambda c: check_linear(c, impl=impl, device=device, truncation=_TRUNC)),
         ("linear_logprob_entropy[K=3]", lambda c: check_linear(LinearCase(**{**c.__dict__, "k": 3, "batch": 1}),
                                                                impl=impl, device=device)),
+        ("logprob_entropy[K=3]", lambda c: check_logits(LinearCase(**{**c.__dict__, "k": 3, "batch": 1}),
+                                                        impl=impl, device=device)),
     )
     for op, check in checks:
         for dtype in dtypes:
@@ -83,7 +85,18 @@ def _worst_by(results, key) -> dict:
     return worst
 
 
-GROUPS = {"primitives": _primitive_rows, "pg": _pg_rows, "attention": _attention_rows}
+def _seed_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison]]:
+    from .cases_seed import check_copo, check_knapsack, check_otr
+
+    for dtype in dtypes:
+        for r in _worst_by(check_otr(impl=impl, dtype=dtype, device=device), lambda r: "all").values():
+            yield "otr_loss", f"otr:{r.name.split('.', 1)[1]}", r
+        for r in check_copo(dtype):
+            yield "copo_advantages", "advantages", r
+    yield "knapsack_group_sizes", "total value vs exhaustive", _worst_by(check_knapsack(), lambda r: "all")["all"]
+
+
+GROUPS = {"primitives": _primitive_rows, "pg": _pg_rows, "seed": _seed_rows, "attention": _attention_rows}
 _SLACKS = ", ".join(f"{str(d)[6:]} {SLACK[d]:g}" for d in (torch.float32, torch.bfloat16, torch.float16))
 LEGEND = (  # printed under the table and in --help
     "ours/eager = max |ours - float64| / max |eager - float64|, eager being plain PyTorch at the row's dtype\n"
@@ -140,7 +153,7 @@ def main(argv=None) -> int:
                         help="input dtype, repeatable (default: all three)")
     parser.add_argument("--only", action="append", choices=list(GROUPS),
                         help="repeatable: primitives (log-prob and entropy ops), pg (policy-gradient losses), "
-                             "attention (shared-prefix attention); default: all")
+                             "seed (OTR, COPO, Knapsack budgets), attention (shared-prefix attention); default: all")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bad = _bad_arguments(device, args.impl)
