@@ -8,9 +8,9 @@ it must exist, in the weight's dtype). For hidden ``[N, H]``, a head ``[V, H]`` 
   ``V·H·s`` (d_weight) ``+ 4·V·H`` (its fp32 accumulator, unless the weight is fp32) ``+ N·H·s`` (d_hidden)
   ``+ 2·r·V·4`` (a chunk's logits and their exponentials);
 * ``low`` (blocked over the vocabulary, ``fusedpg/linear/plan_low.py``): ``V·H·s + N·H·s`` (the gradients)
-  ``+`` a logits tile (``LOW_TILE_BYTES`` on CPU, an ``[N, block]`` tile of ``LOW_BLOCK_BYTES`` elsewhere), and for
-  a half-precision head ``N·H·4`` (the fp32 d_hidden accumulator) plus fp32 head-block, hidden-tile and
-  d_weight-block buffers.
+  ``+`` a logits tile (within ``LOW_BUFFER_BYTES`` on CPU, an ``[N, block]`` tile of ``LOW_BLOCK_BYTES`` elsewhere),
+  and for a half-precision head the fp32 d_hidden accumulator (``N·H·4``, whose storage the returned d_hidden is
+  rounded into, so it replaces the ``N·H·s``) plus fp32 head-block, hidden-tile and d_weight-block buffers.
 
 The choice is the fastest plan that fits: ``default`` with the largest chunk the budget leaves (at most the
 default chunk), else ``low``; a budget below the low plan's floor raises ``ValueError``. FLOPs: the fused loss's
@@ -56,7 +56,8 @@ def low_extra(n: int, h: int, v: int, s: int, device_type: str = "cpu") -> int:
     head block, hidden tile, d_weight block sum and d_hidden accumulator."""
     cols, rows = low_tiles(n, h, torch.device(device_type), LogProbOptions(), 4)
     cols, rows = min(cols, v), min(rows, n)
-    half = (cols * h * 4 * 2 + rows * h * 4 + n * h * 4) if s != 4 else 0
+    # half precision: d_hidden is rounded in place into its fp32 accumulator's storage, which it keeps
+    half = (cols * h * 4 * 2 + rows * h * 4 + n * h * (4 - s)) if s != 4 else 0
     return _floor(n, h, v, s) + rows * cols * 4 + half
 
 

@@ -35,7 +35,7 @@ class LogProbOptions:
     device_chunk_bytes: Triton plan only: the backward's reused ``[rows, V]`` gradient buffer fits this.
     deterministic:   batch-invariant, run-to-run reproducible results (fusedpg/linear/README.md#deterministic-mode):
                      fixed-size padded row blocks for every matmul and reduction, fixed vocabulary segments.
-    low_memory:      ``memory="low"``: the backward is blocked over the vocabulary (``plan_torch.backward_vocab_blocked``).
+    low_memory:      ``memory="low"``: the backward is blocked over the vocabulary (``plan_low.backward_vocab_blocked``).
     """
 
     ignore_index: int = -100

@@ -1,7 +1,10 @@
-"""memory="low": the head's backward blocked over the vocabulary. Every output and gradient against the float64
-reference under the tolerance model (fp32 and bf16, both backends' forwards, small vocabulary blocks), the fused
-loss on both plan classes, the combinations it refuses, and less peak memory than the default backward on CPU."""
+"""memory="low": the head's passes blocked over the vocabulary. Every output and gradient against the float64
+reference under the tolerance model (fp32 and bf16, small vocabulary blocks, row tiles of several sizes), the fused
+loss on both plan classes, the combinations it refuses, less peak memory than the default backward on CPU, and the
+bench's plot of peak memory against N and V."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -93,3 +96,44 @@ def test_low_memory_backward_peaks_lower_on_cpu():
     # default: an fp32 copy of the head and a [V, H] fp32 accumulator (16 MiB each) besides the bf16 d_weight
     # (8 MiB): about 45 MiB; low: d_weight and four 1 MiB tile buffers, about 15 MiB
     assert peaks["low"] < 0.5 * peaks["default"], peaks
+
+
+def _scaling_rows():
+    """fwd+bwd rows of a sweep over N (H, V fixed) and over V (N, H fixed); CCE skipped as on CPU."""
+    rows = []
+    for n, v in [(1024, 8192), (2048, 8192), (4096, 8192), (4096, 4096), (4096, 16384)]:
+        for k, impl in enumerate(("ours", "ours-low", "eager", "cce")):
+            ok = impl != "cce"
+            rows.append({"case": "linear", "shape": f"{n}x256x{v}", "n": n, "h": 256, "v": v, "dtype": "bf16",
+                         "mode": "fwd+bwd", "impl": impl, "status": "ok" if ok else "skipped", "median_ms": 1.0,
+                         "q20_ms": 0.9, "q80_ms": 1.1, "peak_mem_bytes": (k + 1) * n * v if ok else None,
+                         "role": {"ours": "ours", "eager": "baseline"}.get(impl, "peer"), "device_type": "cpu",
+                         "device_name": "test cpu", "git_commit": "abc123"})
+    return rows
+
+
+def test_memory_scaling_plot_draws_the_sweeps_and_skips_absent_impls(tmp_path, capsys):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fusedpg.bench import plots, report
+
+    rows = _scaling_rows()
+    sweeps = dict(plots._sweeps(rows))
+    assert sorted(sweeps) == ["n", "v"]
+    assert sorted({r["n"] for r in sweeps["n"]}) == [1024, 2048, 4096] and {r["v"] for r in sweeps["n"]} == {8192}
+    assert sorted({r["v"] for r in sweeps["v"]}) == [4096, 8192, 16384] and {r["n"] for r in sweeps["v"]} == {4096}
+    assert plots._sweeps([r for r in rows if r["n"] != 1024 and r["v"] != 4096]) == []  # two sizes: no sweep
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig = plots._scaling_figure(plt, "linear", ok, ["fwd+bwd"], plots._sweeps(ok), "stamp")
+    labels = {label for ax in fig.axes for label in ax.get_legend_handles_labels()[1]}
+    plt.close(fig)
+    assert {"ours", "ours-low", "eager", "bytes of d_weight"} <= labels and "cce" not in labels
+    # from a results file: only the kind asked for, next to the file, named after it
+    path = tmp_path / "cpu-x-lowmem-scaling.json"
+    report.write_json(str(path), rows)
+    assert plots.main([str(path), "--kind", "memory_scaling"]) == 0
+    png = "cpu-x-lowmem-scaling-linear_memory_scaling.png"
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, png]) and (tmp_path / png).stat().st_size > 10_000
+    assert png in capsys.readouterr().out
