@@ -58,8 +58,8 @@ def linear_logprob_entropy_op(
         if trunc.active:
             stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
     elif low_memory:  # blocked over the vocabulary: no fp32 copy of a half-precision head
-        stats = plan_low.forward_vocab_blocked(rows.take(hidden), weight, bias, rows.take(targets),
-                                               temp.take(rows.idx), opts)
+        stats = plan_low.forward_vocab_blocked(hidden, weight, bias, rows.take(targets), temp.take(rows.idx), opts,
+                                               rows.idx)
     else:  # both backends take [N, K] targets
         stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx), opts)
     if kept is not None:  # an ignored target's logp is 0
@@ -107,6 +107,7 @@ def linear_logprob_entropy_backward_op(
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     rows = Rows(targets, ignore_index)
     d = grad_entropy if compute_entropy else None
+    scatter_h = True  # d_hidden comes back compacted, except from the low-memory plan
     if rows.count == 0 or (grad_logp is None and d is None):
         grads = (None, None, None)
     else:
@@ -116,16 +117,17 @@ def linear_logprob_entropy_backward_op(
         opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                        deterministic=deterministic)
         trunc = Truncation(top_k, top_p, min_p)
-        args = (rows.take(hidden), weight, bias, rows.take(y), Temperature.of(temp_rows, temp_value).take(rows.idx),
+        rest = (weight, bias, rows.take(y), Temperature.of(temp_rows, temp_value).take(rows.idx),
                 rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
                 opts, needs)
-        if low_memory:  # blocked over the vocabulary: torch GEMMs on any device (fusedpg/linear/README.md)
-            grads = plan_low.backward_vocab_blocked(*args)
+        if low_memory:  # blocked over the vocabulary, hidden gathered per tile, d_hidden written at full size
+            grads = plan_low.backward_vocab_blocked(hidden, *rest, idx=rows.idx)
+            scatter_h = False
         else:
             grads = (plan_torch if trunc.active else _plan(impl)).backward(
-                *args, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
+                rows.take(hidden), *rest, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
     out = []
-    for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (True, False, False)):
+    for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (scatter_h, False, False)):
         if not need:
             out.append(hidden.new_empty(0))
         elif g is None:

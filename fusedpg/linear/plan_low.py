@@ -40,9 +40,19 @@ def low_tiles(n: int, h: int, device: torch.device, opts: LogProbOptions, itemsi
     return cols, max(1, min(n, budget // max(1, 2 * max(h, cols) * itemsize)))
 
 
-def _tiles(x: torch.Tensor, size: int, work: torch.dtype) -> Callable[[int, int], torch.Tensor]:
-    """``take(lo, hi)``: rows lo:hi of x ``[R, K]`` at the work dtype; a view, or an upcast into one reused buffer
+def _tiles(x: torch.Tensor, size: int, work: torch.dtype,
+           idx: Optional[torch.Tensor] = None) -> Callable[[int, int], torch.Tensor]:
+    """``take(lo, hi)``: rows lo:hi of x ``[R, K]`` (with ``idx``: rows ``idx[lo:hi]``, gathered tile by tile, so
+    the caller never copies the active rows whole) at the work dtype; a view, or an upcast into one reused buffer
     (a lone tile is upcast once). The buffer is overwritten by the next take."""
+    if idx is not None:
+        if size >= idx.numel():
+            whole = x.index_select(0, idx).to(work)
+            return lambda lo, hi: whole[lo:hi]
+        if x.dtype == work:
+            return lambda lo, hi: x.index_select(0, idx[lo:hi])
+        buf = torch.empty((size,) + tuple(x.shape[1:]), dtype=work, device=x.device)
+        return lambda lo, hi: buf[:hi - lo].copy_(x.index_select(0, idx[lo:hi]))
     if x.dtype == work:
         return lambda lo, hi: x[lo:hi]
     if size >= x.shape[0]:
@@ -63,15 +73,15 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp: T
     return temp.divide_(z)
 
 
-def _blocks(hidden, weight, bias, opts: LogProbOptions):
+def _blocks(hidden, weight, bias, opts: LogProbOptions, idx: Optional[torch.Tensor] = None):
     """Shared set-up of both passes: (work dtype, cols, rows, head-block take, hidden-tile take, bias take, logits
-    buffer)."""
-    n, h = hidden.shape
+    buffer); ``idx``: the active rows of hidden (None: all)."""
+    n, h = hidden.shape[0] if idx is None else idx.numel(), hidden.shape[1]
     work = compute_dtype(hidden.dtype)
     cols, rows = low_tiles(n, h, hidden.device, opts, work.itemsize)
     take_b = (lambda lo, hi: None) if bias is None else _tiles(bias, cols, work)
     z_buf = torch.empty(min(rows, n) * min(cols, weight.shape[0]), dtype=work, device=hidden.device)
-    return work, cols, rows, _tiles(weight, cols, work), _tiles(hidden, rows, work), take_b, z_buf
+    return work, cols, rows, _tiles(weight, cols, work), _tiles(hidden, rows, work, idx), take_b, z_buf
 
 
 def _local(targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -79,11 +89,14 @@ def _local(targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.where((targets >= lo) & (targets < hi), targets - lo, -1)
 
 
-def forward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, opts: LogProbOptions):
+def forward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, opts: LogProbOptions,
+                          idx: Optional[torch.Tensor] = None):
     """The low-memory forward: each vocabulary block's row statistics, merged in block order. hidden ``[N, H]``,
-    weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``, like ``plan_torch.forward``."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    work, cols, rows, take_w, take_h, take_b, z_buf = _blocks(hidden, weight, bias, opts)
+    weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]``, like ``plan_torch.forward``.
+    With ``idx`` ``[n]``, hidden is the full ``[N_all, H]`` and the rest holds the n rows ``idx`` (gathered per
+    tile, not copied whole)."""
+    n, vocab = targets.shape[0], weight.shape[0]
+    work, cols, rows, take_w, take_h, take_b, z_buf = _blocks(hidden, weight, bias, opts, idx)
     run = None
     for lo in range(0, vocab, cols):
         hi = min(vocab, lo + cols)
@@ -114,14 +127,16 @@ def _fold(run, part: torch.Tensor):
 
 
 def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, log_s, entropy, c, d,
-                           opts: LogProbOptions, needs: Tuple[bool, bool, bool]):
+                           opts: LogProbOptions, needs: Tuple[bool, bool, bool], idx: Optional[torch.Tensor] = None):
     """The low-memory backward: gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``) in the
     inputs' dtypes, None where not needed. m, log_s, entropy (the forward's row statistics), c = dL/dlogp and
     d = dL/dentropy (or None) are ``[N]``; targets and c may be ``[N, K]`` (several targets per row).
 
     Per vocabulary block it recomputes the block's logits tile by tile, forms dL/du from the row statistics, sums
     the block's d_weight rows over all N rows in fp32 (in place when the weight is fp32) and writes them once, and
-    adds the block's share of d_hidden into the fp32 ``[N, H]`` accumulator.
+    adds the block's share of d_hidden into the fp32 ``[N, H]`` accumulator. With ``idx`` ``[n]`` (the active
+    rows; the per-row inputs hold those n rows), hidden and d_hidden are full-size ``[N_all, H]``: no compacted
+    copy of hidden and no scatter of d_hidden, whose inactive rows are 0.
     """
     need_h, need_w, need_b = needs
     work = compute_dtype(hidden.dtype)
@@ -129,7 +144,7 @@ def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, 
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty_like(bias) if need_b else None
     _backward_blocks(hidden, weight, bias, targets, temp, m, log_s, entropy, c.to(work),
-                     None if d is None else d.to(work), opts, dh, dw, db)
+                     None if d is None else d.to(work), opts, dh, dw, db, idx)
     if dh is not None and hidden.dtype.itemsize < work.itemsize:
         dh = _narrowed(dh, hidden.dtype, max(1, LOW_BUFFER_BYTES // (4 * hidden.shape[1] * work.itemsize)))
     return dh, dw, db
@@ -149,11 +164,11 @@ def _narrowed(acc: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
 
 
 def _backward_blocks(hidden, weight, bias, targets, temp: Temperature, m, log_s, entropy, c, d,
-                     opts: LogProbOptions, dh, dw, db) -> None:
+                     opts: LogProbOptions, dh, dw, db, idx=None) -> None:
     """The blocks of ``backward_vocab_blocked``: fills dh (fp32 accumulator), dw and db (each None when not
     needed); its buffers are freed on return."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    work, cols, rows, take_w, take_h, take_b, z_buf = _blocks(hidden, weight, bias, opts)
+    n, vocab = targets.shape[0], weight.shape[0]
+    work, cols, rows, take_w, take_h, take_b, z_buf = _blocks(hidden, weight, bias, opts, idx)
     # the fp32 sum of a half-precision d_weight's block rows, written once per block
     dw_buf = None if dw is None or dw.dtype == work else torch.empty((cols, weight.shape[1]), dtype=work,
                                                                         device=weight.device)
@@ -171,8 +186,10 @@ def _backward_blocks(hidden, weight, bias, targets, temp: Temperature, m, log_s,
                 acc_w.addmm_(g.T, h, beta=1.0 if r_lo > 0 else 0.0)
             if db is not None:
                 acc_b = g.sum(0) if acc_b is None else acc_b.add_(g.sum(0))
-            if dh is not None:
+            if dh is not None and idx is None:
                 dh[r_lo:r_hi].addmm_(g, w)
+            elif dh is not None:
+                dh.index_add_(0, idx[r_lo:r_hi], torch.mm(g, w))
         if dw_buf is not None:
             dw[lo:hi] = acc_w
         if db is not None:
