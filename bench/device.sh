@@ -13,7 +13,7 @@
 #   --dry-run     exercise the script on CPU (no GPU check, no test run, the tiniest shape of every case), for CI.
 #
 # OUTDIR gets: device.log (all output), summary.txt (exit code of each step), nvidia-smi.txt, pip-freeze.txt,
-# verify.txt, pytest.txt, bench/ (results.json, results.csv, rows.jsonl, table.md, plots).
+# floor-linear/ and floor-pg/ (the memory-floor runs, first), parity.txt, verify.txt, pytest.txt, bench/ (results.json, results.csv, rows.jsonl, table.md, plots).
 # Time limits per step can be changed with FUSEDPG_TEST_TIMEOUT, FUSEDPG_VERIFY_TIMEOUT, FUSEDPG_BENCH_MINUTES.
 set -uo pipefail
 
@@ -84,6 +84,17 @@ $PY -m pip freeze 2>/dev/null | grep -i -E 'torch|triton|fusedpg|liger|cut.cross
   > "$OUT/pip-freeze.txt" || true
 log "pip freeze (subset): $(tr '\n' ' ' < "$OUT/pip-freeze.txt")"
 
+# Issue 12's targets first, so that a short slot yields them before anything else: extra peak memory of ours and
+# ours-low against the bytes of d_weight, with Liger, CCE, eager and the three-GEMM floor beside them, at
+# 8192x4096x151936 bf16 (the dry run: the same commands at a tiny shape on CPU).
+if [ "$DRY" = 1 ]; then FLOOR=16x8x32; FDEV=cpu; FLOOR_MIN=0.5; else FLOOR=8192x4096x151936; FDEV=cuda; FLOOR_MIN=2; fi
+step floor-linear "$OUT/floor-linear.txt" timeout 300 $PY -m fusedpg.cli bench --out "$OUT/floor-linear" \
+  --device "$FDEV" --case linear --shape "$FLOOR" --impl ours,ours-low,floor,cce,liger,eager --dtype bf16 \
+  --mode fwd+bwd --reps 3 --max-minutes "$FLOOR_MIN" --no-progress --no-plots
+step floor-pg "$OUT/floor-pg.txt" timeout 300 $PY -m fusedpg.cli bench --out "$OUT/floor-pg" \
+  --device "$FDEV" --case pg --shape "$FLOOR:dapo" --impl ours,ours-low,floor,liger,eager --dtype bf16 \
+  --mode fwd+bwd --reps 3 --max-minutes "$FLOOR_MIN" --no-progress --no-plots
+
 if [ "$DRY" = 1 ]; then
   # One thread: tiny shapes on a loaded machine otherwise wait for time slices between threads.
   step verify "$OUT/verify.txt" timeout "$VERIFY_TIMEOUT" env OMP_NUM_THREADS=1 $PY -m fusedpg.cli verify \
@@ -94,6 +105,9 @@ if [ "$DRY" = 1 ]; then
     --device cpu --quick --shape 16x8x32 --shape 4+2x2 --reps 1 --warmup 0 --max-minutes "$BENCH_MINUTES" \
     --no-progress
 else
+  # one host read per fused-loss call (sync debug mode), bitwise batch invariance and the in-GEMM d_weight on CUDA
+  step parity "$OUT/parity.txt" timeout 180 $PY -m pytest -q tests/test_host_sync.py tests/test_deterministic.py \
+    tests/test_accumulate_mm.py tests/test_otr.py
   step verify "$OUT/verify.txt" timeout "$VERIFY_TIMEOUT" $PY -m fusedpg.cli verify --device cuda
   step pytest "$OUT/pytest.txt" timeout "$TEST_TIMEOUT" $PY -m pytest -q -x tests
   # --max-minutes stops starting measurements; the timeout only catches a hang (rows.jsonl keeps what ran).
