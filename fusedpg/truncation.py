@@ -3,7 +3,8 @@
 A sampler that draws from a truncated distribution (vLLM's ``top_k``, ``top_p``, ``min_p``) keeps the tokens whose
 tempered logit is at least a per-row threshold and renormalises over them. fusedpg finds that threshold on each
 chunk's logits buffer: top-k by a selection (``kthvalue``), top-p by a bisection over the logits' ordered integer
-keys (33 passes over the chunk for fp32; per-row k counts the same way); no sort, sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient: the
+keys (33 passes over the chunk for fp32; per-row k counts the same way); no sort, sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient (the backward's recompute reuses the
+forward's thresholds, ``apply_``): the
 log-prob, entropy and gradients are exactly those of the renormalised kept distribution, and the thresholds, being
 piecewise constant, contribute no gradient. Order and tie rules: fusedpg/linear/README.md#truncated-sampling.
 """
@@ -69,8 +70,22 @@ def _select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.T
     return lo
 
 
+def _from_keys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The floats whose ``_keys`` are ``keys`` (the inverse map)."""
+    bits = keys.to(torch.int32 if dtype == torch.float32 else torch.int64)
+    flip = torch.iinfo(bits.dtype).max
+    return torch.where(bits < 0, bits ^ flip, bits).view(dtype)
+
+
+def apply_(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Set ``z`` ``[R, V]`` below the row thresholds ``tau`` ``[R]`` (from ``truncate_``) to ``-inf``; return z. The
+    backward's recompute uses the forward's thresholds instead of selecting them again."""
+    return z.masked_fill_(z < tau[:, None], float("-inf"))
+
+
 def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
-    """Set the tempered logits ``z`` ``[R, V]`` outside each row's kept set to ``-inf`` (in place) and return z.
+    """Set the tempered logits ``z`` ``[R, V]`` outside each row's kept set to ``-inf`` (in place) and return the
+    threshold ``tau`` ``[R]``: the kept set is ``{v : z_v >= tau}`` (``-inf``: everything kept).
 
     vLLM v1's order: min-p on the tempered distribution (``p >= min_p * p_max``), then top-k (every logit at least
     the k-th largest), then top-p on the distribution renormalised over what is left (the smallest set of the most
@@ -87,22 +102,21 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
     if trunc.top_k is not None and bool(((trunc.top_k > 0) & (trunc.top_k < vocab)).any()):
         # the k-th largest logit by a selection (no sort); every logit at least that large stays (ties kept)
         k = trunc.top_k.clamp(min=1, max=vocab)
-        off = (trunc.top_k <= 0) | (trunc.top_k >= vocab)
+        off = ((trunc.top_k <= 0) | (trunc.top_k >= vocab))[:, None]
         if rows and bool((k == k[0]).all()):  # one k for every row (the usual case): one batched selection
-            kth = z.kthvalue(vocab - int(k[0]) + 1, dim=1).values
-            z.masked_fill_(~off[:, None] & (z < kth[:, None]), float("-inf"))
+            kth = z.kthvalue(vocab - int(k[0]) + 1, dim=1).values[:, None]
         elif rows:  # per-row k: the count bisection, all rows at once
-            keys = _keys(z)
-            z.masked_fill_(~off[:, None] & (keys < _select(keys, None, k, iters)[:, None]), float("-inf"))
+            kth = _from_keys(_select(_keys(z), None, k, iters), z.dtype)[:, None]
+        if rows:
+            floor = torch.where(off, floor, torch.maximum(floor, kth))
     z.masked_fill_(z < floor, float("-inf"))
     if trunc.top_p is not None and bool((trunc.top_p < 1).any()):
-        keys = _keys(z)
         w = torch.exp(z - m)  # 0 on the masked logits
         target = trunc.top_p.to(z.dtype) * w.sum(1)
-        at = _select(keys, w, target, iters)
-        kept = (keys >= at[:, None]) | (trunc.top_p >= 1)[:, None]
-        z.masked_fill_(~kept, float("-inf"))
-    return z
+        at = _from_keys(_select(_keys(z), w, target, iters), z.dtype)[:, None]
+        floor = torch.where((trunc.top_p >= 1)[:, None], floor, torch.maximum(floor, at))
+        apply_(z, floor[:, 0])
+    return floor[:, 0]
 
 
 def truncated_coefficient(z: torch.Tensor, targets: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,13 @@ def test_targets_outside_the_kept_set_get_the_floor_and_no_log_prob_gradient():
 
 def test_ties_at_the_boundary_are_kept():
     z = torch.tensor([[3.0, 3.0, 3.0, 1.0, 0.0], [2.0, 1.0, 1.0, 1.0, -1.0]])
-    kept = lambda **kw: (truncate_(z.clone(), Truncation(**{k: torch.tensor(v) for k, v in kw.items()})) >  # noqa
-                         float("-inf")).sum(1).tolist()
+
+    def kept(**kw):
+        zz = z.clone()
+        tau = truncate_(zz, Truncation(**{k: torch.tensor(v) for k, v in kw.items()}))
+        assert torch.equal(zz > float("-inf"), z >= tau[:, None])  # the threshold is the kept set
+        return (zz > float("-inf")).sum(1).tolist()
+
     assert kept(top_k=[2, 2]) == [3, 4]  # every logit equal to the k-th largest stays, as in vLLM
     # top-p: the boundary token's ties all stay (vLLM's sort keeps an arbitrary subset of them)
     assert kept(top_p=[0.4, 0.5]) == [3, 4]
@@ -170,3 +175,26 @@ def test_rollout_mismatch_metrics(backend):
     for key, value in want.items():
         torch.testing.assert_close(ref[key], value, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(fused[key].cpu(), value, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_reuses_the_forward_thresholds(monkeypatch):
+    """The recompute applies the thresholds the forward saved: no selection runs in either op's backward (every
+    gradient test above then checks that backward against the float64 reference)."""
+    import fusedpg.linear.plan_torch as lpt
+    import fusedpg.logits.plan_torch as gpt
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(9, 16, generator=g), torch.randn(200, 16, generator=g) / 2
+    targets = torch.randint(0, 200, (9,), generator=g)
+    h = hidden.clone().requires_grad_()
+    logp, ent = fusedpg.linear_logprob_entropy(h, weight, targets, top_k=40, top_p=0.8, min_p=0.01, impl="torch")
+    x = (hidden @ weight.T).requires_grad_()
+    lp2, ent2 = fusedpg.logprob_entropy(x, targets, top_k=40, top_p=0.8, impl="torch")
+
+    def selected(*_):
+        raise AssertionError("the backward selected the thresholds again")
+
+    for mod in (lpt, gpt):
+        monkeypatch.setattr(mod, "truncate_", selected)
+    (logp.sum() + ent.sum() + lp2.sum() + ent2.sum()).backward()
+    assert h.grad.abs().sum() > 0 and x.grad.abs().sum() > 0

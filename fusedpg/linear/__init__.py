@@ -115,7 +115,7 @@ def linear_logprob_entropy(
                                                      truncation=(top_k, top_p, min_p) if trunc.active else None)
         ent = ent if compute_entropy else torch.zeros_like(ent).detach()
         return logp.float(), ent.float()
-    logp, ent, _, _ = linear_logprob_entropy_op(
+    logp, ent, _, _, _ = linear_logprob_entropy_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias,
         targets.reshape(-1, targets.shape[-1]) if multi else targets.reshape(-1), *temp.op_args(), int(ignore_index),
         bool(compute_entropy), bool(check_targets), impl, checks.chunk_bytes(chunk_bytes),

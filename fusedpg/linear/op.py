@@ -33,30 +33,33 @@ def linear_logprob_entropy_op(
     temp_rows: Optional[torch.Tensor], temp_value: float, ignore_index: int, compute_entropy: bool,
     check_targets: bool, impl: str, chunk_bytes: int, deterministic: bool, top_k: Optional[torch.Tensor],
     top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor], low_memory: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s), each ``[N]`` fp32
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s, tau), each ``[N]`` fp32
     (fp64 for fp64 hidden); ignored rows are 0. top_k / top_p / min_p: per-row ``[N]`` truncation of the sampling
     distribution (``fusedpg.truncation``), each None when off; a target outside the kept set gets
-    ``OUTSIDE_LOGP``."""
+    ``OUTSIDE_LOGP``; tau holds the rows' thresholds for the backward (empty without truncation)."""
     n, out = hidden.shape[0], compute_dtype(hidden.dtype)
     temp = Temperature.of(temp_rows, temp_value)
     checks.temperature_values(temp)
     if check_targets:
         checks.targets_in_range(targets, weight.shape[0], ignore_index)
     rows = Rows(targets, ignore_index)
+    trunc = Truncation(top_k, top_p, min_p)
+    tau = torch.full((n if trunc.active else 0,), float("-inf"), dtype=out, device=hidden.device)
     if rows.count == 0:
         z = torch.zeros(n, dtype=out, device=hidden.device)
-        return torch.zeros(targets.shape, dtype=out, device=hidden.device), z, z.clone(), z.clone()
+        return torch.zeros(targets.shape, dtype=out, device=hidden.device), z, z.clone(), z.clone(), tau
     opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                    deterministic=deterministic)
-    trunc = Truncation(top_k, top_p, min_p)
     kept, y = _per_target(targets, ignore_index)
     # thresholds, and several targets at low memory (its vocabulary-blocked forward takes one): the torch plan
     if trunc.active or (kept is not None and low_memory):
+        tau_c = torch.empty(rows.count if trunc.active else 0, dtype=out, device=hidden.device)
         stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx), opts,
-                                   trunc.take(rows.idx))
+                                   trunc.take(rows.idx), tau_c if trunc.active else None)
         if trunc.active:
             stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
+            tau = rows.scatter(tau_c)
     elif low_memory:  # blocked over the vocabulary: no fp32 copy of a half-precision head
         stats = plan_low.forward_vocab_blocked(hidden, weight, bias, rows.take(targets), temp.take(rows.idx), opts,
                                                rows.idx)
@@ -64,7 +67,7 @@ def linear_logprob_entropy_op(
         stats = _plan(impl).forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx), opts)
     if kept is not None:  # an ignored target's logp is 0
         stats = (stats[0].masked_fill(~rows.take(kept), 0.0),) + tuple(stats[1:])
-    return tuple(rows.scatter(x.to(out)) for x in stats)
+    return tuple(rows.scatter(x.to(out)) for x in stats) + (tau,)
 
 
 def _per_target(targets: torch.Tensor, ignore_index: int):
@@ -91,7 +94,12 @@ def grads_like(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_
             for x, need in ((hidden, need_hidden), (weight, need_weight), (bias, need_bias))]
 
 
-linear_logprob_entropy_op.register_fake(stats_like)
+@linear_logprob_entropy_op.register_fake
+def _(hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, check_targets, impl,
+      chunk_bytes, deterministic, top_k, top_p, min_p, low_memory=False):
+    truncated = top_k is not None or top_p is not None or min_p is not None
+    stats = stats_like(hidden, weight, bias, targets)
+    return stats + (hidden.new_empty(hidden.shape[0] if truncated else 0, dtype=stats[1].dtype),)
 
 
 @torch.library.custom_op("fusedpg::linear_logprob_entropy_backward", mutates_args=())
@@ -101,7 +109,7 @@ def linear_logprob_entropy_backward_op(
     temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int,
     compute_entropy: bool, impl: str, chunk_bytes: int, deterministic: bool, need_hidden: bool, need_weight: bool,
     need_bias: bool, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
-    low_memory: bool = False,
+    low_memory: bool = False, tau: Optional[torch.Tensor] = None,
 ) -> List[torch.Tensor]:
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes; a gradient that is not needed is an empty tensor."""
     needs = (need_hidden, need_weight, need_bias and bias is not None)
@@ -124,8 +132,10 @@ def linear_logprob_entropy_backward_op(
             grads = plan_low.backward_vocab_blocked(hidden, *rest, idx=rows.idx)
             scatter_h = False
         else:
+            saved = trunc.active and tau is not None and tau.numel() > 0  # the forward's thresholds
             grads = (plan_torch if trunc.active else _plan(impl)).backward(
-                rows.take(hidden), *rest, **({"trunc": trunc.take(rows.idx)} if trunc.active else {}))
+                rows.take(hidden), *rest, **({"tau": rows.take(tau)} if saved else
+                                             {"trunc": trunc.take(rows.idx)} if trunc.active else {}))
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (scatter_h, False, False)):
         if not need:
@@ -140,28 +150,28 @@ def linear_logprob_entropy_backward_op(
 @linear_logprob_entropy_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
       ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, top_k,
-      top_p, min_p, low_memory=False):
+      top_p, min_p, low_memory=False, tau=None):
     return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):
     hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, \
         deterministic, top_k, top_p, min_p, low_memory = inputs
-    _, entropy, m, log_s = output
+    _, entropy, m, log_s, tau = output
     ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
-    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p)
+    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau)
     ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic, low_memory)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
-    hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s, _grad_tau):
+    hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau = ctx.saved_tensors
     temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic, low_memory = ctx.args
     need = ctx.needs_input_grad
     need_b = bias is not None and need[2]
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
         ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need[0], need[1], need_b, top_k, top_p,
-        min_p, low_memory)
+        min_p, low_memory, tau)
     return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 13
 
 

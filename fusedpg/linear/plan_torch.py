@@ -14,7 +14,7 @@ from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
-from ..truncation import Truncation, truncate_, truncated_coefficient
+from ..truncation import Truncation, apply_, truncate_, truncated_coefficient
 
 
 def compute_head(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
@@ -39,10 +39,11 @@ def forward(
     temp: Temperature,
     opts: LogProbOptions,
     trunc: Truncation = Truncation(),
+    tau_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` (or ``[N, K]``: logp ``[N, K]``) -> (logp, entropy,
-    m, log_s), each ``[N]``; with an
-    active ``trunc``, those of the truncated distribution (``-inf`` log-prob for a target outside it)."""
+    m, log_s), each ``[N]``; with an active ``trunc``, those of the truncated distribution (``-inf`` log-prob for a
+    target outside it), and its row thresholds written into ``tau_out`` ``[N]`` when given."""
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
     w, b = compute_head(weight, bias, work)
@@ -53,7 +54,9 @@ def forward(
         hi = min(n, lo + step)
         z = tempered_logits(take(hidden, lo, hi), w, b, take(temp, lo, hi), work)
         if trunc.active:
-            truncate_(z, take(trunc, lo, hi))
+            tau = truncate_(z, take(trunc, lo, hi))
+            if tau_out is not None:
+                tau_out[lo:hi] = tau[:hi - lo]
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     return outs[0], outs[1], outs[2], outs[3]
@@ -73,8 +76,10 @@ def backward(
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
     trunc: Truncation = Truncation(),
+    tau: Optional[torch.Tensor] = None,
 ):
-    """Gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed.
+    """Gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed. ``tau`` ``[N]``:
+    the forward's truncation thresholds (then ``trunc`` is not selected again).
 
     c = dL/dlogp and d = dL/dentropy (or None), each ``[N]``. d_weight and d_bias accumulate in fp32 across chunks.
     """
@@ -94,8 +99,11 @@ def backward(
         h = take(hidden, lo, hi)
         z = tempered_logits(h, w, b, t, work)
         y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
-        if trunc.active:
-            c_chunk = truncated_coefficient(truncate_(z, take(trunc, lo, hi)), y, c_chunk)
+        if tau is not None:
+            c_chunk = truncated_coefficient(apply_(z, take(tau, lo, hi, float("-inf"))), y, c_chunk)
+        elif trunc.active:
+            truncate_(z, take(trunc, lo, hi))
+            c_chunk = truncated_coefficient(z, y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
                           take(d, lo, hi), t)

@@ -94,7 +94,7 @@ def two_phase(hidden, weight, bias, targets, temp: Temperature, batch: PGBatch, 
 
     masked = torch.where(batch.active, targets, torch.full_like(targets, IGNORE))
     head = (hidden, weight, bias, masked, *temp.op_args())
-    lp_out, en_out, m, log_s = linear_logprob_entropy_op(*head, IGNORE, True, False, impl, chunk_bytes, False,
+    lp_out, en_out, m, log_s, _ = linear_logprob_entropy_op(*head, IGNORE, True, False, impl, chunk_bytes, False,
                                                          None, None, None)
     lp, en = lp_out.to(batch.dtype), en_out.to(batch.dtype)
     if plan_of(cfg) == "two_phase":

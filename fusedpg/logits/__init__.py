@@ -75,7 +75,7 @@ def logprob_entropy(
         return logp.float(), ent.float()
     if inplace_backward and not logits.is_contiguous():
         raise ValueError("logits must be contiguous when inplace_backward=True, got a non-contiguous tensor")
-    logp, ent, _, _ = logprob_entropy_op(
+    logp, ent, _, _, _ = logprob_entropy_op(
         logits.reshape(-1, vocab), targets.reshape(-1, targets.shape[-1]) if multi else targets.reshape(-1),
         *temp.op_args(), int(ignore_index), bool(compute_entropy),
         bool(check_targets), impl, checks.chunk_bytes(chunk_bytes), bool(inplace_backward),

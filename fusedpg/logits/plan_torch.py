@@ -14,7 +14,7 @@ from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, rows_per_chunk, softmax_grad_, softmax_stats
 from ..temperature import Temperature
-from ..truncation import Truncation, truncate_, truncated_coefficient
+from ..truncation import Truncation, apply_, truncate_, truncated_coefficient
 
 
 def _chunk(logits: torch.Tensor, lo: int, hi: int, temp: Temperature, work, take, fresh: bool) -> torch.Tensor:
@@ -24,9 +24,10 @@ def _chunk(logits: torch.Tensor, lo: int, hi: int, temp: Temperature, work, take
 
 def forward(
     logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, temp: Temperature, opts: LogProbOptions,
-    trunc: Truncation = Truncation(),
+    trunc: Truncation = Truncation(), tau_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` bool -> (logp, entropy, m, log_s), each ``[N]``."""
+    """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` bool -> (logp, entropy, m, log_s), each ``[N]``;
+    an active ``trunc`` writes its row thresholds into ``tau_out`` ``[N]`` when given."""
     n, vocab = logits.shape
     work = compute_dtype(logits.dtype)
     outs = [torch.empty(targets.shape if i == 0 else n, dtype=work, device=logits.device) for i in range(4)]
@@ -36,7 +37,9 @@ def forward(
         hi = min(n, lo + step)
         z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
         if trunc.active:
-            truncate_(z, take(trunc, lo, hi))
+            tau = truncate_(z, take(trunc, lo, hi))
+            if tau_out is not None:
+                tau_out[lo:hi] = tau[:hi - lo]
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     zero = torch.zeros((), dtype=work, device=logits.device)
@@ -56,8 +59,10 @@ def backward(
     d: Optional[torch.Tensor],
     opts: LogProbOptions,
     trunc: Truncation = Truncation(),
+    tau: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. logits ``[N, V]`` in the logits dtype, written into ``logits`` when ``opts.inplace``."""
+    """Gradient w.r.t. logits ``[N, V]`` in the logits dtype, written into ``logits`` when ``opts.inplace``;
+    ``tau`` ``[N]``: the forward's truncation thresholds (then ``trunc`` is not selected again)."""
     n, vocab = logits.shape
     work = compute_dtype(logits.dtype)
     out = logits if opts.inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -70,9 +75,11 @@ def backward(
         hi = min(n, lo + step)
         z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
         y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
-        if trunc.active:
-            c_chunk = truncated_coefficient(truncate_(z, take(trunc, lo, hi)),
-                                            y, c_chunk)
+        if tau is not None:
+            c_chunk = truncated_coefficient(apply_(z, take(tau, lo, hi, float("-inf"))), y, c_chunk)
+        elif trunc.active:
+            truncate_(z, take(trunc, lo, hi))
+            c_chunk = truncated_coefficient(z, y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
                           take(d, lo, hi), take(temp, lo, hi))

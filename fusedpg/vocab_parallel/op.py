@@ -46,7 +46,7 @@ def vocab_parallel_op(
     ``[N]`` over the whole vocabulary, identical on every rank of ``group``."""
     local = linear_logprob_entropy_op(hidden, weight, bias, targets, temp_rows, temp_value, IGNORE, compute_entropy,
                                       False, impl, chunk_bytes, deterministic, None, None, None)
-    return _merge(*local, targets, compute_entropy, group_of(group), deterministic)
+    return _merge(*local[:4], targets, compute_entropy, group_of(group), deterministic)
 
 
 vocab_parallel_op.register_fake(stats_like)
