@@ -142,11 +142,11 @@ def sample_logprob_entropy(
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    valid = _per_position("valid", valid, lead, hidden.device, torch.bool)
+    valid = per_position("valid", valid, lead, hidden.device, torch.bool)
     if sample_ids is None:
         ids = torch.arange(valid.numel(), device=hidden.device)
     else:
-        ids = _per_position("sample_ids", sample_ids, lead, hidden.device, torch.int64)
+        ids = per_position("sample_ids", sample_ids, lead, hidden.device, torch.int64)
         if ids.numel() and bool(((ids < 0) | (ids > 0xFFFFFFFF)).any()):
             raise ValueError("sample_ids must lie in [0, 2**32), got a tensor containing "
                              f"{ids[(ids < 0) | (ids > 0xFFFFFFFF)][0].item()}")
@@ -161,7 +161,7 @@ def sample_logprob_entropy(
     return tokens.reshape(shape), logp.reshape(shape), ent.reshape(lead)
 
 
-def _per_position(name: str, value, lead, device, dtype) -> torch.Tensor:
+def per_position(name: str, value, lead, device, dtype) -> torch.Tensor:
     """A flat ``[N]`` tensor of ``dtype`` from a tensor of the leading shape (None: all True)."""
     if value is None:
         return torch.ones(lead, dtype=torch.bool, device=device).reshape(-1)

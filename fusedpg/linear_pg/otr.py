@@ -1,7 +1,8 @@
 """One-Token Rollout (OTR; Ming et al., arXiv 2509.26313): supervised data turned into a token-level on-policy
-signal. At every position K candidate tokens are sampled from the current policy inside the fused pass
-(``sample_logprob_entropy``), each is rewarded by the ground-truth token, and the policy gradient runs over the
-candidates. Formula, gradient and the choices made where the paper is not explicit: fusedpg/objective/README.md#otr.
+signal. At every position K candidate tokens are sampled from the current policy inside the fused pass, each is
+rewarded by the ground-truth token, and the policy gradient runs over the candidates: one pass per chunk draws,
+scores and differentiates (``otr_op.py``, 6·N·H·V FLOPs). Formula, gradient and the choices made where the paper
+is not explicit: fusedpg/objective/README.md#variants and docs/losses.md#otr.
 """
 from __future__ import annotations
 
@@ -10,19 +11,15 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .. import checks
+from ..backend import resolve_impl
 from ..linear.reference import linear_logprob_entropy_reference
-from ..linear.sample import sample_logprob_entropy
+from ..linear.sample import per_position
+from ..options import LogProbOptions
+from .otr_op import otr_loss_op, otr_rewards
 
 __all__ = ["otr_loss", "otr_sft_loss", "otr_loss_reference", "OTR_AGGREGATIONS"]
 
 OTR_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "sum")
-
-
-def otr_rewards(tokens: torch.Tensor, labels: torch.Tensor, beta: float, baseline: str) -> torch.Tensor:
-    """Per-candidate rewards ``[..., K]``: 1 for the ground-truth token, ``-beta`` for any other; with
-    ``baseline="mean"`` minus the position's mean reward (the K candidates as a group)."""
-    r = torch.where(tokens == labels.unsqueeze(-1), 1.0, -float(beta))
-    return r - r.mean(-1, keepdim=True) if baseline == "mean" else r
 
 
 def _weights(valid: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -103,13 +100,25 @@ def otr_loss(
         if tuple(mask.shape) != tuple(lead):
             raise ValueError(f"mask must have hidden's leading shape {tuple(lead)}, got {checks._describe(mask)}")
         valid = valid & (mask != 0)
-    tokens, logp, ent = sample_logprob_entropy(
-        hidden, weight, num_samples, seed=seed, valid=valid, sample_ids=sample_ids, bias=bias,
-        temperature=temperature, ignore_index=ignore_index, impl=impl, chunk_bytes=chunk_bytes,
-        deterministic=deterministic)
-    r = otr_rewards(tokens, labels, otr_beta, otr_baseline).to(logp.dtype)
-    w = _weights(valid, aggregation).to(logp.dtype)
-    loss = -(w * (r * logp).mean(-1)).sum()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    checks.linear_inputs(hidden, weight, labels, bias)
+    resolve_impl(impl, hidden.device)  # validated; the one-pass op runs the chunked torch plan on any device
+    ids = per_position("sample_ids", sample_ids, lead, hidden.device, torch.int64) if sample_ids is not None \
+        else torch.arange(valid.numel(), device=hidden.device)
+    if sample_ids is not None and ids.numel() and bool(((ids < 0) | (ids > 0xFFFFFFFF)).any()):
+        raise ValueError("sample_ids must lie in [0, 2**32), got a tensor containing "
+                         f"{ids[(ids < 0) | (ids > 0xFFFFFFFF)][0].item()}")
+    temp = checks.temperature(temperature, lead, hidden.device)
+    work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w = _weights(valid, aggregation).to(work).reshape(-1)
+    grad = torch.is_grad_enabled()
+    loss, tokens, ent, _, _, _ = otr_loss_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), w, ids, *temp.op_args(),
+        num_samples, seed, float(otr_beta), otr_baseline, int(ignore_index), checks.chunk_bytes(chunk_bytes),
+        LogProbOptions.default_deterministic(deterministic), grad and hidden.requires_grad,
+        grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+    tokens, ent = tokens.reshape(tuple(lead) + (num_samples,)), ent.reshape(lead)
     with torch.no_grad():
         hits = (tokens == labels.unsqueeze(-1)) & valid.unsqueeze(-1)
         count = valid.sum().clamp(min=1)
