@@ -10,7 +10,7 @@ piecewise constant, contribute no gradient. Order and tie rules: fusedpg/linear/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -27,6 +27,27 @@ class Truncation:
     top_k: Optional[torch.Tensor] = None
     top_p: Optional[torch.Tensor] = None
     min_p: Optional[torch.Tensor] = None
+    #: Host-side facts of the settings, read once per call by ``resolved`` (None: read per chunk): whether some
+    #: row's top-k cuts, the one k of every row (0: they differ), whether some row's top-p cuts.
+    k_on: Optional[bool] = None
+    k_uniform: Optional[int] = None
+    p_on: Optional[bool] = None
+
+    def resolved(self, vocab: int) -> "Truncation":
+        """This truncation with its host-side facts read in one device-to-host copy (one sync per call on CUDA,
+        instead of a few per chunk)."""
+        if not self.active or self.k_on is not None:
+            return self
+        probe = []
+        if self.top_k is not None:
+            k = self.top_k
+            same = (k == k[0]).all() if k.numel() else torch.ones((), dtype=torch.bool, device=k.device)
+            probe += [((k > 0) & (k < vocab)).any().long(), same.long(), k[:1].sum()]
+        if self.top_p is not None:
+            probe.append((self.top_p < 1).any().long())
+        got = torch.stack(probe).tolist() if probe else []  # min-p alone needs no host fact
+        k_on, k_uniform = (bool(got[0]), int(got[2]) if got[1] else 0) if self.top_k is not None else (False, 0)
+        return replace(self, k_on=k_on, k_uniform=k_uniform, p_on=bool(got[-1]) if self.top_p is not None else False)
 
     @property
     def active(self) -> bool:
@@ -37,7 +58,7 @@ class Truncation:
 
     def take(self, idx: Optional[torch.Tensor]) -> "Truncation":
         pick = (lambda t: t if t is None or idx is None else t.index_select(0, idx))
-        return Truncation(pick(self.top_k), pick(self.top_p), pick(self.min_p))
+        return replace(self, top_k=pick(self.top_k), top_p=pick(self.top_p), min_p=pick(self.min_p))
 
     def slice(self, lo: int, hi: int, rows: Optional[int] = None) -> "Truncation":
         """Rows ``[lo, hi)``; with ``rows``, padded to that many rows with the neutral settings."""
@@ -47,7 +68,7 @@ class Truncation:
             t = t[lo:hi]
             return t if rows is None or t.shape[0] >= rows else torch.cat([t, t.new_full((rows - t.shape[0],),
                                                                                           neutral)])
-        return Truncation(cut(self.top_k, 0), cut(self.top_p, 1.0), cut(self.min_p, 0.0))
+        return replace(self, top_k=cut(self.top_k, 0), top_p=cut(self.top_p, 1.0), min_p=cut(self.min_p, 0.0))
 
 
 def _keys(z: torch.Tensor) -> torch.Tensor:
@@ -99,18 +120,19 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
     if trunc.min_p is not None:
         on = (trunc.min_p > 0)[:, None]
         floor = torch.where(on, m + torch.log(trunc.min_p.to(z.dtype).clamp(min=1e-30))[:, None], floor)
-    if trunc.top_k is not None and bool(((trunc.top_k > 0) & (trunc.top_k < vocab)).any()):
+    trunc = trunc.resolved(vocab)  # a no-op when the op already resolved it for the whole call
+    if trunc.top_k is not None and trunc.k_on:
         # the k-th largest logit by a selection (no sort); every logit at least that large stays (ties kept)
         k = trunc.top_k.clamp(min=1, max=vocab)
         off = ((trunc.top_k <= 0) | (trunc.top_k >= vocab))[:, None]
-        if rows and bool((k == k[0]).all()):  # one k for every row (the usual case): one batched selection
-            kth = z.kthvalue(vocab - int(k[0]) + 1, dim=1).values[:, None]
+        if rows and trunc.k_uniform:  # one k for every row (the usual case): one batched selection
+            kth = z.kthvalue(vocab - min(max(trunc.k_uniform, 1), vocab) + 1, dim=1).values[:, None]
         elif rows:  # per-row k: the count bisection, all rows at once
             kth = _from_keys(_select(_keys(z), None, k, iters), z.dtype)[:, None]
         if rows:
             floor = torch.where(off, floor, torch.maximum(floor, kth))
     z.masked_fill_(z < floor, float("-inf"))
-    if trunc.top_p is not None and bool((trunc.top_p < 1).any()):
+    if trunc.top_p is not None and trunc.p_on:
         w = torch.exp(z - m)  # 0 on the masked logits
         target = trunc.top_p.to(z.dtype) * w.sum(1)
         at = _from_keys(_select(_keys(z), w, target, iters), z.dtype)[:, None]

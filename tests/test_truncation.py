@@ -198,3 +198,39 @@ def test_backward_reuses_the_forward_thresholds(monkeypatch):
         monkeypatch.setattr(mod, "truncate_", selected)
     (logp.sum() + ent.sum() + lp2.sum() + ent2.sum()).backward()
     assert h.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=7), dict(top_k=[3, 9], top_p=0.7), dict(top_p=0.8, min_p=0.05)])
+def test_no_host_read_per_chunk(monkeypatch, settings):
+    """The thresholds' host-side facts (is top-k / top-p on, one k for every row) are read once per call, not in
+    each chunk's selection: on CUDA a per-chunk read is a device synchronisation per chunk."""
+    import fusedpg.linear.plan_torch as lpt
+    from fusedpg import truncation
+
+    n = 12
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(n, 16, generator=g), torch.randn(100, 16, generator=g)
+    targets = torch.randint(0, 100, (n,), generator=g)
+    kw = {k: (torch.tensor([v[0]] * (n // 2) + [v[1]] * (n // 2)) if isinstance(v, list) else v)
+          for k, v in settings.items()}
+    inside = []
+
+    def guarded(z, trunc):
+        inside.append(True)
+        try:
+            return truncation.truncate_(z, trunc)
+        finally:
+            inside.pop()
+
+    def refuse(name, original):
+        def method(self, *a, **k):
+            if inside:
+                raise AssertionError(f"host read ({name}) inside a chunk's selection")
+            return original(self, *a, **k)
+        return method
+
+    for name in ("__bool__", "item", "tolist", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(lpt, "truncate_", guarded)
+    logp, _ = fusedpg.linear_logprob_entropy(hidden, weight, targets, impl="torch", chunk_bytes=3 * 100 * 4, **kw)
+    assert torch.isfinite(logp).all()

@@ -44,7 +44,7 @@ def linear_logprob_entropy_op(
     if check_targets:
         checks.targets_in_range(targets, weight.shape[0], ignore_index)
     rows = Rows(targets, ignore_index)
-    trunc = Truncation(top_k, top_p, min_p)
+    trunc = Truncation(top_k, top_p, min_p).resolved(weight.shape[0])  # its host-side facts: one read per call
     tau = torch.full((n if trunc.active else 0,), float("-inf"), dtype=out, device=hidden.device)
     if rows.count == 0:
         z = torch.zeros(n, dtype=out, device=hidden.device)

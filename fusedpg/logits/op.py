@@ -54,7 +54,7 @@ def logprob_entropy_op(
     y, valid = _valid_targets(targets, ignore_index)
     out = compute_dtype(logits.dtype)
     opts = _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic)
-    trunc = Truncation(top_k, top_p, min_p)
+    trunc = Truncation(top_k, top_p, min_p).resolved(logits.shape[1])  # its host-side facts: one read per call
     tau = logits.new_empty(logits.shape[0] if trunc.active else 0, dtype=out)
     if trunc.active:  # thresholds: the torch plan, on any device
         stats = plan_torch.forward(logits, y, valid, temp, opts, trunc, tau)
