@@ -2,8 +2,8 @@
 
 A sampler that draws from a truncated distribution (vLLM's ``top_k``, ``top_p``, ``min_p``) keeps the tokens whose
 tempered logit is at least a per-row threshold and renormalises over them. fusedpg finds that threshold on each
-chunk's logits buffer: top-k by a selection (``kthvalue``), top-p by a bisection over the logits' ordered integer
-keys (33 passes over the chunk for fp32; per-row k counts the same way); no sort, sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient (the backward's recompute reuses the
+chunk's logits buffer: top-k by a selection (``kthvalue``), top-p by a radix select over the logits' ordered integer
+keys (4 passes over the chunk for fp32, a bisection for fp64; per-row k counts the same way); no sort, sets the logits below it to ``-inf`` and then runs the ordinary softmax statistics and gradient (the backward's recompute reuses the
 forward's thresholds, ``apply_``): the
 log-prob, entropy and gradients are exactly those of the renormalised kept distribution, and the thresholds, being
 piecewise constant, contribute no gradient. Order and tie rules: fusedpg/linear/README.md#truncated-sampling.
@@ -78,9 +78,15 @@ def _keys(z: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ flip, bits)
 
 
+#: Columns of one block of the radix select's histogram pass (bounds its int64 / fp64 temporaries).
+RADIX_COLUMNS = 4096
+
+
 def _select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor, iters: int) -> torch.Tensor:
     """Per row, the largest key ``t`` with ``sum(weights[keys >= t]) >= target`` (counts when ``weights`` is None):
-    a bisection whose every step is one pass over the chunk."""
+    a radix select for int32 keys (4 passes of 8 bits), else a bisection whose every step is one pass."""
+    if keys.dtype == torch.int32:
+        return _radix_select(keys, weights, target)
     lo, hi = keys.amin(1).to(torch.int64), keys.amax(1).to(torch.int64) + 1
     for _ in range(iters):
         mid = lo + (hi - lo) // 2
@@ -102,6 +108,33 @@ def apply_(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Set ``z`` ``[R, V]`` below the row thresholds ``tau`` ``[R]`` (from ``truncate_``) to ``-inf``; return z. The
     backward's recompute uses the forward's thresholds instead of selecting them again."""
     return z.masked_fill_(z < tau[:, None], float("-inf"))
+
+
+def _radix_select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """``_select`` for int32 keys by digits, most significant first: per pass, a 256-bin histogram of the next
+    8 bits over the keys that share the digits chosen so far (weighted, summed in float64 so that the mass test
+    does not depend on the order of an fp32 sum), then the largest digit whose mass from the top, plus the mass
+    of larger prefixes, reaches the target. Four passes over the chunk instead of the bisection's 33."""
+    rows, vocab = keys.shape
+    bins = torch.arange(256, device=keys.device)
+    prefix = torch.zeros(rows, dtype=torch.int64, device=keys.device)
+    above = torch.zeros(rows, dtype=torch.float64, device=keys.device)
+    goal = target.to(torch.float64)
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(rows, 256, dtype=torch.float64, device=keys.device)
+        for lo in range(0, vocab, RADIX_COLUMNS):
+            u = keys[:, lo:lo + RADIX_COLUMNS].to(torch.int64) + 2 ** 31  # unsigned order, in [0, 2^32)
+            w = (torch.ones_like(u, dtype=torch.float64) if weights is None
+                 else weights[:, lo:lo + RADIX_COLUMNS].to(torch.float64))
+            if shift < 24:
+                w = w.masked_fill_((u >> (shift + 8)) != prefix[:, None], 0.0)
+            hist.scatter_add_(1, (u >> shift) & 255, w)
+        from_top = hist.flip(1).cumsum(1).flip(1)  # mass of the matching keys whose digit is >= d
+        ok = (above[:, None] + from_top) >= goal[:, None]
+        d = torch.where(ok.any(1), (ok * bins).amax(1), 0)  # none: the whole row is kept (rounding of target)
+        above += torch.where(d < 255, from_top.gather(1, (d + 1).clamp(max=255)[:, None])[:, 0], 0.0)
+        prefix = prefix * 256 + d
+    return prefix - 2 ** 31
 
 
 def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:

@@ -234,3 +234,25 @@ def test_no_host_read_per_chunk(monkeypatch, settings):
     monkeypatch.setattr(lpt, "truncate_", guarded)
     logp, _ = fusedpg.linear_logprob_entropy(hidden, weight, targets, impl="torch", chunk_bytes=3 * 100 * 4, **kw)
     assert torch.isfinite(logp).all()
+
+
+def test_radix_select_is_the_largest_threshold_that_reaches_the_target():
+    """The 4-pass radix select (fp32 keys): counts give exactly the bisection's key; masses give the largest key
+    whose float64 mass from the top reaches the target (the next larger key falls short), ties and negatives
+    included."""
+    from fusedpg.truncation import RADIX_COLUMNS, _keys, _radix_select, _select
+
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(64, RADIX_COLUMNS + 300, generator=g) * 4  # two column blocks
+    z[:, :50] = z[:, :1]  # ties
+    z[3] = -z[3].abs()  # a row of negatives only
+    keys = _keys(z)
+    k = torch.randint(1, z.shape[1], (64,), generator=g)
+    bisect_k = _select(keys.to(torch.int64), None, k, 65)  # int64 keys take the bisection
+    assert torch.equal(_radix_select(keys, None, k), bisect_k)
+    w = torch.exp(z - z.amax(1, keepdim=True))
+    target = 0.7 * w.sum(1)
+    t = _radix_select(keys, w, target)
+    mass = lambda thr: (w.double() * (keys.to(torch.int64) >= thr[:, None])).sum(1)  # noqa: E731
+    nxt = torch.where(keys.to(torch.int64) > t[:, None], keys.to(torch.int64), torch.iinfo(torch.int64).max).amin(1)
+    assert (mass(t) >= target.double()).all() and (mass(nxt) < target.double()).all()
