@@ -174,6 +174,16 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
     return floor[:, 0]
 
 
+def saved_thresholds(trunc: Truncation, tau: Optional[torch.Tensor]) -> bool:
+    """Whether a backward runs truncated: it then needs the thresholds its forward saved (``tau``, non-empty)."""
+    if not trunc.active:
+        return False
+    if tau is None or tau.numel() == 0:
+        raise ValueError("tau must be the forward's truncation thresholds (the op's fifth output) when top_k / "
+                         "top_p / min_p are given, got " + ("None" if tau is None else "an empty tensor"))
+    return True
+
+
 def truncated_coefficient(z: torch.Tensor, targets: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``c = dL/dlogp`` with rows whose target lies outside the kept set zeroed: their log-prob is the constant
     ``OUTSIDE_LOGP``, so it sends no gradient (the entropy's still flows)."""

@@ -256,3 +256,14 @@ def test_radix_select_is_the_largest_threshold_that_reaches_the_target():
     mass = lambda thr: (w.double() * (keys.to(torch.int64) >= thr[:, None])).sum(1)  # noqa: E731
     nxt = torch.where(keys.to(torch.int64) > t[:, None], keys.to(torch.int64), torch.iinfo(torch.int64).max).amin(1)
     assert (mass(t) >= target.double()).all() and (mass(nxt) < target.double()).all()
+
+
+def test_truncated_backward_without_the_saved_thresholds_is_refused():
+    """A direct call of the backward op with top_k but no ``tau`` would silently give the untruncated gradient."""
+    from fusedpg.logits.op import logprob_entropy_backward_op
+
+    x, y = torch.randn(3, 10), torch.tensor([1, 2, 3])
+    z = torch.zeros(3)
+    with pytest.raises(ValueError, match="tau must be the forward's truncation thresholds"):
+        logprob_entropy_backward_op(x, y, torch.ones(3), None, None, 1.0, z, z, z, -100, True, "torch", 0, False,
+                                    torch.full((3,), 2), None, None)

@@ -15,7 +15,7 @@ from ..options import LogProbOptions
 from ..rows import Rows
 from ..softmax_math import compute_dtype
 from ..temperature import Temperature
-from ..truncation import OUTSIDE_LOGP, Truncation
+from ..truncation import OUTSIDE_LOGP, Truncation, saved_thresholds
 from . import plan_low, plan_torch
 
 
@@ -124,7 +124,7 @@ def linear_logprob_entropy_backward_op(
         c = c if kept is None else c.masked_fill(~kept, 0.0)
         opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                        deterministic=deterministic)
-        trunc = Truncation(top_k, top_p, min_p)
+        truncated = saved_thresholds(Truncation(top_k, top_p, min_p), tau)
         rest = (weight, bias, rows.take(y), Temperature.of(temp_rows, temp_value).take(rows.idx),
                 rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
                 opts, needs)
@@ -132,10 +132,8 @@ def linear_logprob_entropy_backward_op(
             grads = plan_low.backward_vocab_blocked(hidden, *rest, idx=rows.idx)
             scatter_h = False
         else:
-            saved = trunc.active and tau is not None and tau.numel() > 0  # the forward's thresholds
-            grads = (plan_torch if trunc.active else _plan(impl)).backward(
-                rows.take(hidden), *rest, **({"tau": rows.take(tau)} if saved else
-                                             {"trunc": trunc.take(rows.idx)} if trunc.active else {}))
+            grads = (plan_torch if truncated else _plan(impl)).backward(
+                rows.take(hidden), *rest, **({"tau": rows.take(tau)} if truncated else {}))
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (scatter_h, False, False)):
         if not need:

@@ -43,7 +43,7 @@ def forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` (or ``[N, K]``: logp ``[N, K]``) -> (logp, entropy,
     m, log_s), each ``[N]``; with an active ``trunc``, those of the truncated distribution (``-inf`` log-prob for a
-    target outside it), and its row thresholds written into ``tau_out`` ``[N]`` when given."""
+    target outside it), and its row thresholds written into ``tau_out`` ``[N]``."""
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
     w, b = compute_head(weight, bias, work)
@@ -54,9 +54,7 @@ def forward(
         hi = min(n, lo + step)
         z = tempered_logits(take(hidden, lo, hi), w, b, take(temp, lo, hi), work)
         if trunc.active:
-            tau = truncate_(z, take(trunc, lo, hi))
-            if tau_out is not None:
-                tau_out[lo:hi] = tau[:hi - lo]
+            tau_out[lo:hi] = truncate_(z, take(trunc, lo, hi))[:hi - lo]
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     return outs[0], outs[1], outs[2], outs[3]
@@ -75,11 +73,10 @@ def backward(
     d: Optional[torch.Tensor],
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
-    trunc: Truncation = Truncation(),
     tau: Optional[torch.Tensor] = None,
 ):
     """Gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed. ``tau`` ``[N]``:
-    the forward's truncation thresholds (then ``trunc`` is not selected again).
+    the forward's truncation thresholds (the kept set is ``z >= tau``; None: no truncation).
 
     c = dL/dlogp and d = dL/dentropy (or None), each ``[N]``. d_weight and d_bias accumulate in fp32 across chunks.
     """
@@ -101,9 +98,6 @@ def backward(
         y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
         if tau is not None:
             c_chunk = truncated_coefficient(apply_(z, take(tau, lo, hi, float("-inf"))), y, c_chunk)
-        elif trunc.active:
-            truncate_(z, take(trunc, lo, hi))
-            c_chunk = truncated_coefficient(z, y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
                           take(d, lo, hi), t)

@@ -8,6 +8,7 @@ sampled tokens as targets. The tokens carry no gradient (the score-function esti
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -138,18 +139,8 @@ def sample_logprob_entropy(
     """
     lead = hidden.shape[:-1]
     checks.linear_inputs(hidden, weight, torch.zeros(lead, dtype=torch.int64, device=hidden.device), bias)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     valid = per_position("valid", valid, lead, hidden.device, torch.bool)
-    if sample_ids is None:
-        ids = torch.arange(valid.numel(), device=hidden.device)
-    else:
-        ids = per_position("sample_ids", sample_ids, lead, hidden.device, torch.int64)
-        if ids.numel() and bool(((ids < 0) | (ids > 0xFFFFFFFF)).any()):
-            raise ValueError("sample_ids must lie in [0, 2**32), got a tensor containing "
-                             f"{ids[(ids < 0) | (ids > 0xFFFFFFFF)][0].item()}")
+    ids = draw_ids(num_samples, seed, sample_ids, lead, hidden.device)
     temp = checks.temperature(temperature, lead, hidden.device)
     tokens, logp, ent, _, _ = linear_sample_logprob_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, valid, ids, *temp.op_args(), num_samples, seed,
@@ -159,6 +150,22 @@ def sample_logprob_entropy(
         ent = ent.detach()
     shape = tuple(lead) + (num_samples,)
     return tokens.reshape(shape), logp.reshape(shape), ent.reshape(lead)
+
+
+def draw_ids(num_samples, seed, sample_ids, lead, device) -> torch.Tensor:
+    """Check the draw settings (``num_samples``, ``seed``, ``sample_ids``) and return the flat int64 ids ``[N]``
+    the draws are keyed on (default: the flattened positions)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if sample_ids is None:
+        return torch.arange(math.prod(lead), device=device)
+    ids = per_position("sample_ids", sample_ids, lead, device, torch.int64)
+    bad = (ids < 0) | (ids > 0xFFFFFFFF)
+    if ids.numel() and bool(bad.any()):
+        raise ValueError(f"sample_ids must lie in [0, 2**32), got a tensor containing {ids[bad][0].item()}")
+    return ids
 
 
 def per_position(name: str, value, lead, device, dtype) -> torch.Tensor:

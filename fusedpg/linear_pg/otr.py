@@ -13,7 +13,7 @@ import torch
 from .. import checks
 from ..backend import resolve_impl
 from ..linear.reference import linear_logprob_entropy_reference
-from ..linear.sample import per_position
+from ..linear.sample import draw_ids
 from ..options import LogProbOptions
 from .otr_op import otr_loss_op, otr_rewards
 
@@ -34,9 +34,8 @@ def _weights(valid: torch.Tensor, aggregation: str) -> torch.Tensor:
     return m / (lens.clamp(min=1.0) * (lens > 0).sum().clamp(min=1))
 
 
-def _options(num_samples, beta, baseline, aggregation) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+def _options(beta, baseline, aggregation) -> None:
+    """The loss's own settings (the draws' are checked by ``draw_ids``)."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"otr_beta must be a number >= 0 (the penalty of a wrong candidate), got {beta!r}")
     if baseline not in ("none", "mean"):
@@ -89,7 +88,7 @@ def otr_loss(
         r = torch.where(tokens == labels[..., None], 1.0, -otr_beta)
         loss = (w * -(r * z.log_softmax(-1).gather(-1, tokens)).mean(-1)).sum()
     """
-    _options(num_samples, otr_beta, otr_baseline, aggregation)
+    _options(otr_beta, otr_baseline, aggregation)
     checks.integer("labels", labels)
     lead = hidden.shape[:-1]
     if tuple(labels.shape) != tuple(lead):
@@ -100,15 +99,9 @@ def otr_loss(
         if tuple(mask.shape) != tuple(lead):
             raise ValueError(f"mask must have hidden's leading shape {tuple(lead)}, got {checks._describe(mask)}")
         valid = valid & (mask != 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     checks.linear_inputs(hidden, weight, labels, bias)
     resolve_impl(impl, hidden.device)  # validated; the one-pass op runs the chunked torch plan on any device
-    ids = per_position("sample_ids", sample_ids, lead, hidden.device, torch.int64) if sample_ids is not None \
-        else torch.arange(valid.numel(), device=hidden.device)
-    if sample_ids is not None and ids.numel() and bool(((ids < 0) | (ids > 0xFFFFFFFF)).any()):
-        raise ValueError("sample_ids must lie in [0, 2**32), got a tensor containing "
-                         f"{ids[(ids < 0) | (ids > 0xFFFFFFFF)][0].item()}")
+    ids = draw_ids(num_samples, seed, sample_ids, lead, hidden.device)
     temp = checks.temperature(temperature, lead, hidden.device)
     work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     w = _weights(valid, aggregation).to(work).reshape(-1)

@@ -14,7 +14,7 @@ from .. import checks
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype
 from ..temperature import Temperature
-from ..truncation import OUTSIDE_LOGP, Truncation
+from ..truncation import OUTSIDE_LOGP, Truncation, saved_thresholds
 from . import plan_torch
 
 
@@ -80,12 +80,11 @@ def _grad(logits, targets, grad_logp, grad_entropy, temp_rows, temp_value, m, lo
     y, valid = _valid_targets(targets, ignore_index)
     c = grad_logp if grad_logp is not None else torch.zeros(targets.shape, dtype=m.dtype, device=m.device)
     d = grad_entropy if compute_entropy else None
-    trunc = Truncation(top_k, top_p, min_p)
-    return (plan_torch if trunc.active else _plan(impl)).backward(
+    truncated = saved_thresholds(Truncation(top_k, top_p, min_p), tau)
+    return (plan_torch if truncated else _plan(impl)).backward(
         logits, y, valid, Temperature.of(temp_rows, temp_value), m, log_s, entropy, c, d,
         _opts(ignore_index, compute_entropy, chunk_bytes, inplace, deterministic),
-        **({"tau": tau} if trunc.active and tau is not None and tau.numel() else
-           {"trunc": trunc} if trunc.active else {}))
+        **({"tau": tau} if truncated else {}))
 
 
 @torch.library.custom_op("fusedpg::logprob_entropy_backward", mutates_args=())

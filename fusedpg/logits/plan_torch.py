@@ -27,7 +27,7 @@ def forward(
     trunc: Truncation = Truncation(), tau_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits ``[N, V]``, targets ``[N]`` (clamped), valid ``[N]`` bool -> (logp, entropy, m, log_s), each ``[N]``;
-    an active ``trunc`` writes its row thresholds into ``tau_out`` ``[N]`` when given."""
+    an active ``trunc`` writes its row thresholds into ``tau_out`` ``[N]``."""
     n, vocab = logits.shape
     work = compute_dtype(logits.dtype)
     outs = [torch.empty(targets.shape if i == 0 else n, dtype=work, device=logits.device) for i in range(4)]
@@ -37,9 +37,7 @@ def forward(
         hi = min(n, lo + step)
         z = _chunk(logits, lo, hi, temp, work, take, opts.deterministic)
         if trunc.active:
-            tau = truncate_(z, take(trunc, lo, hi))
-            if tau_out is not None:
-                tau_out[lo:hi] = tau[:hi - lo]
+            tau_out[lo:hi] = truncate_(z, take(trunc, lo, hi))[:hi - lo]
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):
             out[lo:hi] = val[:hi - lo]
     zero = torch.zeros((), dtype=work, device=logits.device)
@@ -58,11 +56,10 @@ def backward(
     c: torch.Tensor,
     d: Optional[torch.Tensor],
     opts: LogProbOptions,
-    trunc: Truncation = Truncation(),
     tau: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. logits ``[N, V]`` in the logits dtype, written into ``logits`` when ``opts.inplace``;
-    ``tau`` ``[N]``: the forward's truncation thresholds (then ``trunc`` is not selected again)."""
+    ``tau`` ``[N]``: the forward's truncation thresholds (the kept set is ``z >= tau``; None: no truncation)."""
     n, vocab = logits.shape
     work = compute_dtype(logits.dtype)
     out = logits if opts.inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -77,9 +74,6 @@ def backward(
         y, c_chunk = take(targets, lo, hi), take(c, lo, hi)
         if tau is not None:
             c_chunk = truncated_coefficient(apply_(z, take(tau, lo, hi, float("-inf"))), y, c_chunk)
-        elif trunc.active:
-            truncate_(z, take(trunc, lo, hi))
-            c_chunk = truncated_coefficient(z, y, c_chunk)
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
                           take(d, lo, hi), take(temp, lo, hi))
