@@ -4,7 +4,9 @@ This process is rank 0 and is the one measured (time and its own peak memory: pe
 is rank 1 and mirrors every call, so each collective has its partner. Each rank holds half of the head's rows.
 
 Impls: ``ours`` (``linear_logprob_entropy(..., vocab_parallel_group=...)``: a local GEMM over the shard, two small
-all-reduces of per-row statistics, d_hidden all-reduced in backward) and ``gather`` (the baseline: all-gather the
+all-reduces of per-row statistics, d_hidden all-reduced in backward), ``ours-det`` (the same with
+``deterministic=True``: per-segment states all-gathered and folded in order, README of fusedpg/vocab_parallel) and
+``gather`` (the baseline: all-gather the
 shards into the full head, then one process's ``linear_logprob_entropy`` on every rank, which is what a trainer
 without a vocabulary-parallel loss does). The helper runs with one torch thread.
 """
@@ -24,7 +26,7 @@ from .case_linear import LOGIT_STD
 from .registry import Case, Impl, Inputs, Shape, register_case
 
 WORLD = 2
-_IMPLS = ("ours", "gather")
+_IMPLS = ("ours", "gather", "ours-det")
 _FWD, _BWD, _QUIT = 1, 2, 3
 _STATE = {}
 
@@ -44,8 +46,9 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 
 def _forward(impl: str, inp: Inputs):
     h, w, y = inp["hidden"], inp["weight"], inp["targets"]
-    if impl == "ours":
-        return fusedpg.linear_logprob_entropy(h, w, y, vocab_parallel_group=dist.group.WORLD)
+    if impl in ("ours", "ours-det"):
+        return fusedpg.linear_logprob_entropy(h, w, y, vocab_parallel_group=dist.group.WORLD,
+                                              deterministic=impl == "ours-det")
     parts = [torch.empty_like(w) for _ in range(WORLD)]
     dist.all_gather(parts, w.detach())
     parts[dist.get_rank()] = w  # the own rows stay differentiable: their gradient is this rank's d_weight
@@ -141,6 +144,8 @@ CASE = register_case(Case(
              note="vocab_parallel_group=: local GEMM, 2 all-reduces of row statistics"),
         Impl("gather", _make("gather"), role="baseline", devices=("cpu",), applies=_cpu_only,
              note="all-gather the head, then one process"),
+        Impl("ours-det", _make("ours-det"), devices=("cpu",), applies=_cpu_only,
+             note="deterministic=True: per-segment states all-gathered, folded in global segment order"),
     ),
     presets={("cpu", False): (Shape(1024, 256, 16000),), ("cpu", True): (Shape(512, 256, 8000),)},
     modes=("fwd+bwd",),

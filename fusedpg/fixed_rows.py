@@ -6,10 +6,15 @@ the plans cut their rows into blocks of ``DETERMINISTIC_ROWS`` and copy each blo
 (fresh: BLAS libraries may also round differently at another memory alignment), so the library always sees the
 same shapes and a row's result depends on that row alone: not on N, the other rows, its position or
 ``chunk_bytes``. Padding rows carry zero coefficients, so they add nothing to ``d_weight``.
+
+Columns get the same treatment: the torch plan forms each fixed vocabulary segment's logits from its own
+``[rows, H] x [H, segment]`` product (``SegmentedHead``), so a column's logit depends on its segment alone, not on V or
+on where a tensor-parallel shard starts; with whole-segment shards the per-segment statistics, and everything merged
+from them, are the one-process ones (fusedpg/vocab_parallel/README.md#deterministic-mode).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -66,3 +71,50 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         hi = min(a.shape[0], lo + rows)
         out[lo:hi] = torch.mm(block(a, lo, hi, rows), b)[:hi - lo]
     return out
+
+
+class SegmentedHead:
+    """A ``[V, H]`` head (and bias) seen as ``count`` segments of ``seg`` rows: whole segments are views, a last
+    partial one is a zero-padded copy whose padded columns come out at ``-inf``."""
+
+    def __init__(self, w: torch.Tensor, b: Optional[torch.Tensor], seg: int):
+        vocab, h_dim = w.shape
+        self.vocab, self.seg = vocab, seg
+        full, tail = divmod(vocab, seg)
+        self.count = full + (tail > 0)
+        #: (first segment, weight [k, seg, H], bias [k, 1, seg] or None) per group of segments
+        self.groups: List[Tuple[int, torch.Tensor, Optional[torch.Tensor]]] = []
+        if full:
+            self.groups.append((0, w[:full * seg].view(full, seg, h_dim),
+                                None if b is None else b[:full * seg].view(full, 1, seg)))
+        if tail:
+            wt = w.new_zeros(1, seg, h_dim)
+            wt[0, :tail] = w[full * seg:]
+            bt = None if b is None else torch.cat([b[full * seg:], b.new_zeros(seg - tail)]).view(1, 1, seg)
+            self.groups.append((full, wt, bt))
+
+    @property
+    def width(self) -> int:
+        return self.count * self.seg
+
+    def logits(self, h: torch.Tensor, temp: Temperature) -> torch.Tensor:
+        """Tempered logits ``[R, count * seg]`` of the rows ``h`` ``[R, H]`` (padded columns ``-inf``)."""
+        rows = h.shape[0]
+        z = torch.empty(rows, self.count, self.seg, dtype=h.dtype, device=h.device)
+        for first, w3, b3 in self.groups:
+            hx = h.expand(w3.shape[0], rows, h.shape[1])
+            prod = torch.bmm(hx, w3.transpose(1, 2)) if b3 is None else torch.baddbmm(b3, hx, w3.transpose(1, 2))
+            z[:, first:first + w3.shape[0]] = prod.transpose(0, 1)
+        z = temp.divide_(z.view(rows, self.width))
+        return z.index_fill_(1, torch.arange(self.vocab, self.width, device=z.device), float("-inf"))
+
+    def weight_grad_(self, dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor, tail: Optional[torch.Tensor]):
+        """``dw += g.T @ h`` segment by segment, ``g`` ``[R, count * seg]``; a partial last segment accumulates in
+        ``tail`` ``[seg, H]`` (its first ``V mod seg`` rows belong at the end of ``dw``)."""
+        rows = g.shape[0]
+        g3 = g.view(rows, self.count, self.seg)
+        for first, w3, _ in self.groups:
+            k = w3.shape[0]
+            end = (first + k) * self.seg
+            out = dw[first * self.seg:end].view(k, self.seg, -1) if end <= self.vocab else tail.view(1, self.seg, -1)
+            out.baddbmm_(g3[:, first:first + k].permute(1, 2, 0), h.expand(k, rows, h.shape[1]))

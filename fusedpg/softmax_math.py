@@ -117,13 +117,34 @@ def merged(s, t, y, top, compute_entropy: bool):
     return logp, entropy if compute_entropy else torch.zeros_like(s), top, log_s
 
 
-def merge_in_order(parts, compute_entropy: bool):
-    """Merge partials in the given order: the same parts give bitwise the same result."""
-    top = torch.stack([p[0] for p in parts]).amax(0)
-    total = [torch.zeros_like(top) for _ in range(3)]
-    for part in parts:
-        total = [a + b for a, b in zip(total, rescaled(part, top))]
-    return merged(*total, top, compute_entropy)
+def segment_stats(z3: torch.Tensor, compute_entropy: bool):
+    """z3 ``[R, S, seg]`` tempered logits (overwritten) -> per-segment (m, s, q), each ``[R, S]``: the segment's max
+    (``-inf`` for an all ``-inf`` segment), ``s = sum exp(z - m)`` and ``q = sum exp(z - m) (z - m)``."""
+    m = z3.amax(2)
+    z3.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m)).unsqueeze(2)).clamp_(min=SHIFT_FLOOR)
+    e = torch.exp(z3)
+    s = e.sum(2)
+    return m, s, torch.linalg.vecdot(e, z3) if compute_entropy else torch.zeros_like(s)
+
+
+def merge_segments(m: torch.Tensor, s: torch.Tensor, q: torch.Tensor, zy: torch.Tensor, compute_entropy: bool):
+    """(logp, entropy, m, log_s) ``[R]`` (logp ``[R, K]`` for ``zy`` ``[R, K]``) from per-segment states ``[R, S]``
+    and the targets' tempered logits ``zy``, the segments summed in their order along the last dimension."""
+    top = m.amax(1)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    empty = torch.isneginf(m)
+    delta = torch.where(empty, 0.0, m - top.unsqueeze(1))
+    alpha = torch.where(empty, 0.0, torch.exp(delta))
+    total = (alpha * s).sum(1)
+    log_s = torch.log(total)
+    alive = total > 0
+    shift = (zy - top.unsqueeze(1)) if zy.dim() == 2 else zy - top
+    wide = (lambda x: x.unsqueeze(1) if zy.dim() == 2 else x)
+    logp = torch.where(wide(alive), shift - wide(log_s), wide(log_s))
+    if not compute_entropy:
+        return logp, torch.zeros_like(total), top, log_s
+    q_total = (alpha * (q + delta * s)).sum(1)
+    return logp, torch.where(alive, log_s - q_total / torch.where(alive, total, 1.0), 0.0), top, log_s
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -32,12 +32,19 @@ class Truncation:
     k_on: Optional[bool] = None
     k_uniform: Optional[int] = None
     p_on: Optional[bool] = None
+    #: A vocabulary-parallel head: the ``torch.distributed`` group whose ranks hold the other columns (the row max,
+    #: the sums and the select's histograms are all-reduced over it; every rank must run the same chunks), and the
+    #: whole vocabulary's size (0: the chunk's width).
+    across: Optional[object] = None
+    vocab: int = 0
 
     def resolved(self, vocab: int) -> "Truncation":
         """This truncation with its host-side facts read in one device-to-host copy (one sync per call on CUDA,
         instead of a few per chunk)."""
-        if not self.active or self.k_on is not None:
+        if not self.active:
             return self
+        if self.k_on is not None:
+            return self if self.vocab else replace(self, vocab=vocab)
         probe = []
         if self.top_k is not None:
             k = self.top_k
@@ -47,7 +54,8 @@ class Truncation:
             probe.append((self.top_p < 1).any().long())
         got = torch.stack(probe).tolist() if probe else []  # min-p alone needs no host fact
         k_on, k_uniform = (bool(got[0]), int(got[2]) if got[1] else 0) if self.top_k is not None else (False, 0)
-        return replace(self, k_on=k_on, k_uniform=k_uniform, p_on=bool(got[-1]) if self.top_p is not None else False)
+        return replace(self, k_on=k_on, k_uniform=k_uniform, p_on=bool(got[-1]) if self.top_p is not None else False,
+                       vocab=self.vocab or vocab)
 
     @property
     def active(self) -> bool:
@@ -71,6 +79,16 @@ class Truncation:
         return replace(self, top_k=cut(self.top_k, 0), top_p=cut(self.top_p, 1.0), min_p=cut(self.min_p, 0.0))
 
 
+def _reduced(x: torch.Tensor, across, op: str) -> torch.Tensor:
+    """``x`` reduced over the ranks of ``across`` (``"sum"``, ``"max"``, ``"min"``) in place; as it is without."""
+    if across is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
+                        group=across)
+    return x
+
+
 def _keys(z: torch.Tensor) -> torch.Tensor:
     """Integer keys ordered like the floats of ``z`` (fp32 -> int32 bits, fp64 -> int64)."""
     bits = z.view(torch.int32 if z.dtype == torch.float32 else torch.int64)
@@ -82,16 +100,19 @@ def _keys(z: torch.Tensor) -> torch.Tensor:
 RADIX_COLUMNS = 4096
 
 
-def _select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor, iters: int) -> torch.Tensor:
+def _select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor, iters: int,
+            across=None) -> torch.Tensor:
     """Per row, the largest key ``t`` with ``sum(weights[keys >= t]) >= target`` (counts when ``weights`` is None):
-    a radix select for int32 keys (4 passes of 8 bits), else a bisection whose every step is one pass."""
+    a radix select for int32 keys (4 passes of 8 bits), else a bisection whose every step is one pass. The counts
+    and masses are summed over the ranks of ``across``."""
     if keys.dtype == torch.int32:
-        return _radix_select(keys, weights, target)
-    lo, hi = keys.amin(1).to(torch.int64), keys.amax(1).to(torch.int64) + 1
+        return _radix_select(keys, weights, target, across)
+    lo = _reduced(keys.amin(1).to(torch.int64), across, "min")
+    hi = _reduced(keys.amax(1).to(torch.int64), across, "max") + 1
     for _ in range(iters):
-        mid = lo + (hi - lo) // 2
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2): hi - lo overflows int64 at -inf keys
         above = keys >= mid.to(keys.dtype)[:, None]  # mid < hi <= max key + 1: fits the keys' dtype but at the top
-        mass = above.sum(1) if weights is None else (weights * above).sum(1)
+        mass = _reduced(above.sum(1) if weights is None else (weights * above).sum(1), across, "sum")
         ok = mass >= target
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return lo
@@ -110,7 +131,8 @@ def apply_(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return z.masked_fill_(z < tau[:, None], float("-inf"))
 
 
-def _radix_select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+def _radix_select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor,
+                  across=None) -> torch.Tensor:
     """``_select`` for int32 keys by digits, most significant first: per pass, a 256-bin histogram of the next
     8 bits over the keys that share the digits chosen so far (weighted, summed in float64 so that the mass test
     does not depend on the order of an fp32 sum), then the largest digit whose mass from the top, plus the mass
@@ -129,6 +151,7 @@ def _radix_select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: t
             if shift < 24:
                 w = w.masked_fill_((u >> (shift + 8)) != prefix[:, None], 0.0)
             hist.scatter_add_(1, (u >> shift) & 255, w)
+        _reduced(hist, across, "sum")
         from_top = hist.flip(1).cumsum(1).flip(1)  # mass of the matching keys whose digit is >= d
         ok = (above[:, None] + from_top) >= goal[:, None]
         d = torch.where(ok.any(1), (ok * bins).amax(1), 0)  # none: the whole row is kept (rounding of target)
@@ -145,30 +168,31 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
     the k-th largest), then top-p on the distribution renormalised over what is left (the smallest set of the most
     likely tokens whose mass reaches ``p``; the most likely token always stays). Ties at a threshold are kept.
     """
-    rows, vocab = z.shape
+    rows, width = z.shape
+    trunc = trunc.resolved(width)  # a no-op when the op already resolved it for the whole call
+    vocab, across = trunc.vocab, trunc.across
     iters = 33 if z.dtype == torch.float32 else 65
-    m = z.amax(1, keepdim=True)
+    m = _reduced(z.amax(1, keepdim=True), across, "max")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     floor = torch.full((rows, 1), float("-inf"), dtype=z.dtype, device=z.device)
     if trunc.min_p is not None:
         on = (trunc.min_p > 0)[:, None]
         floor = torch.where(on, m + torch.log(trunc.min_p.to(z.dtype).clamp(min=1e-30))[:, None], floor)
-    trunc = trunc.resolved(vocab)  # a no-op when the op already resolved it for the whole call
     if trunc.top_k is not None and trunc.k_on:
         # the k-th largest logit by a selection (no sort); every logit at least that large stays (ties kept)
         k = trunc.top_k.clamp(min=1, max=vocab)
         off = ((trunc.top_k <= 0) | (trunc.top_k >= vocab))[:, None]
-        if rows and trunc.k_uniform:  # one k for every row (the usual case): one batched selection
+        if rows and trunc.k_uniform and across is None:  # one k for every row (the usual case): one selection
             kth = z.kthvalue(vocab - min(max(trunc.k_uniform, 1), vocab) + 1, dim=1).values[:, None]
-        elif rows:  # per-row k: the count bisection, all rows at once
-            kth = _from_keys(_select(_keys(z), None, k, iters), z.dtype)[:, None]
+        elif rows:  # per-row k, or a sharded vocabulary: the count select, all rows at once
+            kth = _from_keys(_select(_keys(z), None, k, iters, across), z.dtype)[:, None]
         if rows:
             floor = torch.where(off, floor, torch.maximum(floor, kth))
     z.masked_fill_(z < floor, float("-inf"))
     if trunc.top_p is not None and trunc.p_on:
         w = torch.exp(z - m)  # 0 on the masked logits
-        target = trunc.top_p.to(z.dtype) * w.sum(1)
-        at = _from_keys(_select(_keys(z), w, target, iters), z.dtype)[:, None]
+        target = trunc.top_p.to(z.dtype) * _reduced(w.sum(1), across, "sum")
+        at = _from_keys(_select(_keys(z), w, target, iters, across), z.dtype)[:, None]
         floor = torch.where((trunc.top_p >= 1)[:, None], floor, torch.maximum(floor, at))
         apply_(z, floor[:, 0])
     return floor[:, 0]
@@ -188,5 +212,7 @@ def truncated_coefficient(z: torch.Tensor, targets: torch.Tensor, c: torch.Tenso
     """``c = dL/dlogp`` with rows whose target lies outside the kept set zeroed: their log-prob is the constant
     ``OUTSIDE_LOGP``, so it sends no gradient (the entropy's still flows)."""
     idx = targets.clamp(min=0)
-    outside = torch.isneginf(z.gather(1, idx if idx.dim() == 2 else idx.unsqueeze(1)))
+    idx = idx if idx.dim() == 2 else idx.unsqueeze(1)
+    # a negative target lies in another vocabulary shard: the caller zeroes its c (fusedpg/vocab_parallel)
+    outside = torch.isneginf(z.gather(1, idx)) & (idx == (targets if targets.dim() == 2 else targets.unsqueeze(1)))
     return c.masked_fill(outside if c.dim() == 2 else outside.squeeze(1), 0.0)

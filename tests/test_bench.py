@@ -215,7 +215,8 @@ def test_main_end_to_end_rows_table_and_plots(tmp_path, capsys):
     assert {(r["case"], r["impl"]) for r in ok} == {
         ("linear", "ours"), ("linear", "eager"), ("logits", "ours"), ("logits", "eager"), ("pg", "ours"),
         ("pg", "eager"), ("attention", "ours"), ("attention", "sdpa"), ("model", "ours"), ("model", "eager"),
-        ("model", "fused-loss"), ("tp", "ours"), ("tp", "gather"), ("linear", "ours-det"), ("logits", "ours-det"),
+        ("model", "fused-loss"), ("tp", "ours"), ("tp", "gather"), ("tp", "ours-det"), ("linear", "ours-det"),
+        ("logits", "ours-det"),
         ("sampler", "ours"), ("sampler", "eager"), ("sampler", "untruncated")}
     assert not torch.distributed.is_initialized()  # the tp case's helper rank and group are gone after its group
     assert {r["mode"] for r in ok if r["case"] == "linear"} == set(DEFAULT_MODES)

@@ -71,6 +71,19 @@ def test_linear_matches_the_vllm_style_reference(backend, name):
     assert torch.isfinite(ours["logp"]).all() and torch.isfinite(ours["d_hidden"]).all()
 
 
+@pytest.mark.parametrize("name", ["all three", "per-row"])
+def test_float64_top_p_after_top_k_matches_the_reference(name):
+    """fp64 keys take the bisection; with logits already masked to -inf (by top-k or min-p) its ``hi - lo`` once
+    overflowed int64 and the top-p cut came out wrong (found by the vocabulary-parallel fp64 test)."""
+    settings = _settings(name)
+    hidden, weight, targets, up = _inputs(torch.float64)
+    ours = _run(lambda h, w, y: fusedpg.linear_logprob_entropy(h, w, y, temperature=0.8, impl="torch", **settings),
+                hidden, weight, targets, up)
+    truth = _reference(torch.float64, settings)
+    for out in ours:
+        assert_close_to_truth(f"fp64.{name}.{out}", ours[out], None, truth[out], torch.float64)
+
+
 @pytest.mark.parametrize("name", ["k5", "p0.7", "all three"])
 def test_logits_op_matches_the_reference(backend, name):
     settings = _settings(name)

@@ -38,6 +38,42 @@ def _data(dtype=torch.float64):
                 mask=mask, adv=adv.float(), old=old.float(), ref=(old + 0.05).float(), up=up)
 
 
+def _whole_segments(world):
+    """A head of whole 128-column segments per rank (the CPU deterministic segment), its last 5 rows padding."""
+    g = torch.Generator().manual_seed(9)
+    vocab = 128 * world
+    d = dict(hidden=torch.randn(B * T, H, generator=g), weight=torch.randn(vocab, H, generator=g) / H ** 0.5,
+             bias=0.1 * torch.randn(vocab, generator=g), targets=torch.randint(0, vocab - 5, (B * T,), generator=g),
+             temp=0.5 + torch.rand(B * T, generator=g), up=(torch.randn(B * T, generator=g),
+                                                             torch.randn(B * T, generator=g)))
+    d["targets"][3] = -100
+    d["mask"], d["adv"] = (torch.rand(B * T, generator=g) > 0.2).float(), torch.randn(B * T, generator=g)
+    d["old"] = -5.0 + 0.1 * torch.randn(B * T, generator=g)
+    return d, vocab - 5
+
+
+def _bitwise_steps(d, real, weight, bias, **kw):
+    """The deterministic results that must equal one process bitwise (``weight``: a shard or the real head)."""
+    out = {}
+    for impl in ("torch", "triton"):
+        out[impl] = _logprob_step(d, weight, bias, impl=impl, deterministic=True, **kw)
+    h, w = d["hidden"].view(B, T, H).clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss, _ = fusedpg.fused_linear_pg_loss(h, w, d["targets"].clamp(min=0).view(B, T), d["adv"][:B],
+                                           d["mask"].view(B, T), bias=bias, old_logp=d["old"].view(B, T),
+                                           temperature=d["temp"].view(B, T), loss_type="grpo", beta=0.0,
+                                           deterministic=True, **kw)
+    loss.backward()
+    out["loss"] = dict(loss=loss.detach(), d_weight=w.grad, d_hidden=h.grad)
+    return out
+
+
+def _truncation(d):
+    """min-p, top-k and per-row top-p together; several targets fall outside the kept set."""
+    top_p = torch.full((B, T), 0.9)
+    top_p[1] = 0.5
+    return dict(top_k=6, top_p=top_p, min_p=0.01)
+
+
 def _shard(x, world, rank):
     return torch.tensor_split(x, world)[rank]
 
@@ -107,6 +143,21 @@ def _worker(rank, world, out_dir):
     logp, ent = linear_cross_entropy(h, w, d["targets"].reshape(-1).clamp(min=0), 1.0, "none", dist_process_group=group)
     (logp - 0.1 * ent).sum().backward()
     out["verl"] = dict(logp=logp.detach(), entropy=ent.detach(), d_hidden=h.grad)
+    trunc = _truncation(d)
+    narrow = 4 * max(t.shape[0] for t in torch.tensor_split(d["weight"], world)) * 4  # 4 rows a chunk, 3 chunks
+    for det in (False, True):
+        out[f"truncated.{det}"] = _logprob_step(d, w, b, impl="torch", vocab_parallel_group=group,
+                                                vocab_size=V_REAL, deterministic=det, chunk_bytes=narrow, **trunc)
+    d64 = _data(torch.float64)  # fp64 keys: the bisection select, its bounds and masses reduced over the group
+    out["truncated.fp64"] = _logprob_step(d64, _shard(d64["weight"], world, rank), _shard(d64["bias"], world, rank),
+                                          impl="torch", vocab_parallel_group=group, vocab_size=V_REAL,
+                                          chunk_bytes=narrow * 2, **trunc)
+    out["truncated.loss"] = _loss_step(d, w, "grpo", impl="torch", vocab_parallel_group=group, vocab_size=V_REAL,
+                                       **trunc)
+    bits, real = _whole_segments(world)
+    out["bitwise"] = _bitwise_steps(bits, real, bits["weight"][128 * rank:128 * (rank + 1)],
+                                    bits["bias"][128 * rank:128 * (rank + 1)], vocab_parallel_group=group,
+                                    vocab_size=real)
     if world == 2:  # ColwiseParallel's weight: a Shard(0) DTensor picks its mesh group by itself
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
@@ -131,12 +182,13 @@ def ranks(request, tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
 
 
-def _logprob_reference(d, dtype, bias=True):
+def _logprob_reference(d, dtype, bias=True, truncation=None):
     h = d["hidden"].clone().requires_grad_()
     w = d["weight"][:V_REAL].clone().requires_grad_()
     b = d["bias"][:V_REAL].clone().requires_grad_() if bias else None
     logp, ent = linear_logprob_entropy_reference(h, w, d["targets"], b, d["temp"].to(h.dtype),
-                                                 dtype=None if dtype != torch.float64 else torch.float64)
+                                                 dtype=None if dtype != torch.float64 else torch.float64,
+                                                 truncation=truncation)
     ((logp.double() * d["up"][0]).sum() + (ent.double() * d["up"][1]).sum()).backward()
     out = dict(logp=logp.detach(), entropy=ent.detach(), d_hidden=h.grad, d_weight=w.grad)
     return dict(out, d_bias=b.grad) if bias else out
@@ -146,6 +198,8 @@ def _references(dtype):
     """One process on the whole (unpadded) head: eager at ``dtype`` (float64 is the truth)."""
     d = _data(dtype if dtype == torch.float64 else torch.float32)
     out = {"logprob": _logprob_reference(d, dtype), "dtensor": _logprob_reference(d, dtype, bias=False)}
+    trunc = _truncation(d)
+    out["truncated"] = _logprob_reference(d, dtype, truncation=(trunc["top_k"], trunc["top_p"], trunc["min_p"]))
     for name in LOSSES:
         h, w = d["hidden"].clone().requires_grad_(), d["weight"][:V_REAL].clone().requires_grad_()
         loss, _ = fused_linear_pg_loss_reference(
@@ -185,6 +239,40 @@ def test_fused_loss_equals_one_process_on_every_rank(ranks, refs, key):
     _check(ranks, key, key.replace(".triton", ""), refs, ("loss", "d_hidden", "d_weight"))
 
 
+@pytest.mark.parametrize("det", [False, True], ids=["all-reduce", "deterministic"])
+def test_truncated_distribution_over_a_sharded_vocabulary(ranks, refs, det):
+    """top-k, top-p (per row) and min-p found over the whole vocabulary (all-reduced maxima, sums and select
+    histograms; chunks in lockstep on uneven shards): the one-process truncated log-probs, entropy and gradients,
+    targets outside the kept set included (their finite floor, and no c from any rank)."""
+    outside = refs[1]["truncated"]["logp"] <= -1e4
+    assert outside.any() and not outside.all()
+    _check(ranks, f"truncated.{det}", "truncated", refs, ("logp", "entropy", "d_hidden", "d_weight", "d_bias"))
+
+
+def test_truncated_fp64_over_a_sharded_vocabulary(ranks, refs):
+    truth = refs[1]["truncated"]
+    for name in ("logp", "entropy", "d_hidden", "d_weight", "d_bias"):
+        for r, res in enumerate(ranks):
+            got = res["truncated.fp64"][name]
+            if name in ("d_weight", "d_bias"):
+                got = torch.cat([x["truncated.fp64"][name] for x in ranks])[:V_REAL]
+            assert_close_to_truth(f"fp64.{name}[rank {r}]", got, None, truth[name], torch.float64)
+
+
+def test_truncated_fused_loss_over_a_sharded_vocabulary(ranks):
+    d = _data(torch.float32)
+    h, w = d["hidden"].clone().requires_grad_(), d["weight"][:V_REAL].clone().requires_grad_()
+    loss, metrics = fusedpg.fused_linear_pg_loss(h, w, d["targets"].clamp(min=0), d["adv"], d["mask"],
+                                                 old_logp=d["old"], ref_logp=d["ref"], impl="torch",
+                                                 **LOSSES["grpo"], **_truncation(d))
+    loss.backward()
+    for r in ranks:
+        torch.testing.assert_close(r["truncated.loss"]["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["truncated.loss"]["d_hidden"], h.grad, rtol=1e-5, atol=1e-6)
+    got = torch.cat([r["truncated.loss"]["d_weight"] for r in ranks])[:V_REAL]
+    torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_verl_linear_cross_entropy_with_dist_process_group(ranks):
     d = _data(torch.float32)
     h = d["hidden"].reshape(B * T, H).clone().requires_grad_()
@@ -199,6 +287,29 @@ def test_deterministic_merge_is_bitwise_equal_on_every_rank(ranks):
     for name in ("logp", "entropy", "d_hidden"):
         for res in ranks[1:]:
             assert torch.equal(res["logprob.deterministic"][name], ranks[0]["logprob.deterministic"][name]), name
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_deterministic_shards_of_whole_segments_equal_one_process_bitwise(ranks, impl):
+    """Whole 128-column segments per rank (the last shard padded past vocab_size): the gathered per-segment states,
+    folded in global order, give one process's log-probs and entropy bit for bit; on the torch plan each segment's
+    weight and bias gradient comes from its own product too, so those are one process's as well (the loss: its
+    value; d_hidden sums the ranks' parts, so it is one process's only to rounding)."""
+    d, real = _whole_segments(len(ranks))
+    one = _bitwise_steps(d, real, d["weight"][:real], d["bias"][:real])
+    names = ("logp", "entropy") + (("d_weight", "d_bias") if impl == "torch" else ())
+    for name in names:
+        for r, res in enumerate(ranks):
+            got = res["bitwise"][impl][name]
+            if name in ("d_weight", "d_bias"):
+                got = torch.cat([x["bitwise"][impl][name] for x in ranks])[:real]
+            assert torch.equal(got, one[impl][name]), f"{impl}.{name} on rank {r}"
+        torch.testing.assert_close(res["bitwise"][impl]["d_hidden"], one[impl]["d_hidden"], rtol=1e-5, atol=1e-6)
+    if impl == "torch":
+        for res in ranks:
+            assert torch.equal(res["bitwise"]["loss"]["loss"], one["loss"]["loss"])
+            assert torch.equal(torch.cat([x["bitwise"]["loss"]["d_weight"] for x in ranks])[:real],
+                               one["loss"]["d_weight"])
 
 
 def test_hidden_gradient_left_local_sums_to_the_reduced_one(ranks):

@@ -83,15 +83,13 @@ def linear_logprob_entropy(
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     """
     if vocab_parallel_group is not None or type(weight).__name__ == "DTensor":
-        if top_k is not None or top_p is not None or min_p is not None:
-            raise ValueError("top_k / top_p / min_p are not supported with a vocabulary-parallel head yet")
         from ..vocab_parallel import vocab_parallel_logprob_entropy  # lazy: the TP layer sits on top of this op
 
         return vocab_parallel_logprob_entropy(
             hidden, weight, targets, group=vocab_parallel_group, bias=bias, temperature=temperature,
             ignore_index=ignore_index, compute_entropy=compute_entropy, check_targets=check_targets, impl=impl,
             chunk_bytes=chunk_bytes, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
-            deterministic=LogProbOptions.default_deterministic(deterministic))
+            deterministic=LogProbOptions.default_deterministic(deterministic), top_k=top_k, top_p=top_p, min_p=min_p)
     checks.linear_inputs(hidden, weight, targets, bias, multi=True)
     memory, chunk_bytes = resolve_memory(memory_budget, memory, chunk_bytes, hidden, weight)
     lead = hidden.shape[:-1]

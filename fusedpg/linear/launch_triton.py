@@ -29,6 +29,14 @@ def forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` -> (logp, entropy, m, log_s) fp32 ``[N]``; targets
     ``[N, K]`` (-1: no target) give logp ``[N, K]``."""
+    parts, zy = forward_partials(hidden, weight, bias, targets, temp, opts)
+    return merge_partials(parts, zy, opts.compute_entropy)
+
+
+def forward_partials(hidden, weight, bias, targets, temp: Temperature, opts: LogProbOptions):
+    """The forward kernel's per-split states before the merge: (parts ``[N, 3, S]``, (m, s, q) of each row in each
+    of the S vocabulary splits; zy, the targets' tempered logits in ``targets``' shape, 0 where a target is -1).
+    With ``opts.deterministic`` the splits are the fixed vocabulary segments (``fixed_rows.vocab_segment``)."""
     check_triton_dtype("hidden", hidden)
     bias = None if bias is None else bias.contiguous()  # the kernels read bias with unit stride
     n, h_dim = hidden.shape
@@ -42,27 +50,37 @@ def forward(
         splits = min(v_blocks, max(1, triton.cdiv(programs_wanted(hidden.device), row_blocks)))
         v_per_split = triton.cdiv(v_blocks, splits) * cfg.BV
     splits = triton.cdiv(vocab, v_per_split)
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    m, s, q = (torch.empty((splits, n), **f32) for _ in range(3))
+    states = torch.empty((3, splits, n), dtype=torch.float32, device=hidden.device)
     y, k, kp = target_layout(targets)
-    zy = torch.empty(y.shape, **f32)
+    zy = torch.zeros(y.shape, dtype=torch.float32, device=hidden.device)
     t, stride_t = temp.kernel_arg(hidden.device)
     _linear_logprob_entropy_fwd_kernel[(row_blocks, splits)](
         hidden, weight, bias if bias is not None else weight, y, t,
-        m, s, q, zy,
+        states[0], states[1], states[2], zy,
         n, vocab, h_dim, v_per_split, k,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_t,
         HAS_BIAS=bias is not None, COMPUTE_ENTROPY=opts.compute_entropy, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
         BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, KP=kp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return states.permute(2, 0, 1), zy.view(targets.shape)
+
+
+def merge_partials(parts: torch.Tensor, zy: torch.Tensor, compute_entropy: bool):
+    """(logp, entropy, m, log_s) from ``forward_partials``' output: the merge kernel folds the splits in order."""
+    states = parts.permute(1, 2, 0).contiguous()  # [3, S, N]: a view of the kernel's buffer, or the gathered parts
+    splits, n = states.shape[1:]
+    shape = zy.shape
+    y, k, kp = target_layout(zy)
+    zy = zy.reshape(y.shape).contiguous()
+    f32 = dict(dtype=torch.float32, device=parts.device)
     logp = torch.empty(y.shape, **f32)
     entropy, mx, log_s = (torch.empty(n, **f32) for _ in range(3))
     merge_bt = 128
     _linear_logprob_entropy_merge_kernel[(triton.cdiv(n, merge_bt),)](
-        m, s, q, zy, logp, entropy, mx, log_s, n, splits, k,
-        COMPUTE_ENTROPY=opts.compute_entropy, BT=merge_bt, KP=kp,
+        states[0], states[1], states[2], zy, logp, entropy, mx, log_s, n, splits, k,
+        COMPUTE_ENTROPY=compute_entropy, BT=merge_bt, KP=kp,
     )
-    return logp.view(targets.shape), entropy, mx, log_s
+    return logp.view(shape), entropy, mx, log_s
 
 
 def backward(

@@ -113,7 +113,7 @@ def forward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, opts
 
 def _fold(run, part: torch.Tensor):
     """Fold one block's partial ``[5, N]`` (``softmax_math.partial``) into the running merge (top, s, t, y), each
-    ``[N]``: merge_in_order's sum-exp, entropy and target-logit terms, taken from the running max ``top`` and
+    ``[N]``: ``rescaled``'s sum-exp, entropy and target-logit terms, taken from the running max ``top`` and
     rescaled when it grows, so the forward keeps O(N) statistics instead of one partial per block."""
     if run is None:
         return (part[0],) + rescaled(part, part[0])

@@ -20,7 +20,7 @@ def vocab_parallel_logprob_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, group=None, bias=None, temperature=1.0,
     ignore_index: int = -100, compute_entropy: bool = True, check_targets: Optional[bool] = None,
     impl: Optional[str] = None, chunk_bytes: Optional[int] = None, vocab_size: Optional[int] = None,
-    reduce_hidden_grad: bool = True, deterministic: bool = False,
+    reduce_hidden_grad: bool = True, deterministic: bool = False, top_k=None, top_p=None, min_p=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``linear_logprob_entropy`` with ``weight`` this rank's shard ``[V_r, H]`` of the head (rows in rank order,
     uneven sizes allowed) and ``targets`` global token ids; see :func:`fusedpg.linear_logprob_entropy` for the rest.
@@ -28,8 +28,11 @@ def vocab_parallel_logprob_entropy(
     vocab_size: the real vocabulary when the shards are padded past it: columns from ``vocab_size`` on are masked.
     reduce_hidden_grad: sum d_hidden over the group inside the op (default); off where the caller reduces it, as
         Megatron's sequence-parallel layouts do with a reduce-scatter.
-    deterministic: merge the all-gathered per-rank statistics in rank order instead of two all-reduces, so every
-        rank holds bitwise the same result.
+    deterministic: merge the all-gathered per-segment statistics of every rank in global segment order instead of
+        two all-reduces: every rank holds bitwise the same result, and with whole-segment shards the log-probs and
+        entropy are bitwise the one-process ones (README.md#deterministic-mode).
+    top_k, top_p, min_p: the truncated sampling distribution, its thresholds found over the whole vocabulary (the
+        row max, the sums and the select's histograms all-reduced over the group).
 
     Equivalent PyTorch: ``linear_logprob_entropy(hidden, cat(all shards), targets)``.
     """
@@ -58,9 +61,10 @@ def vocab_parallel_logprob_entropy(
     impl = resolve_impl(impl, hidden.device)
     if impl == "reference":
         raise ValueError("impl='reference' runs in one process; vocab_parallel_group needs 'torch' or 'triton'")
-    logp, ent, _, _ = vocab_parallel_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, local, *temp.op_args(), bool(compute_entropy), impl, checks.chunk_bytes(chunk_bytes), name, bool(deterministic),
-        bool(reduce_hidden_grad))
+    trunc = checks.truncation(top_k, top_p, min_p, lead, hidden.device)
+    logp, ent, _, _, _ = vocab_parallel_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, local, *temp.op_args(), bool(compute_entropy), impl,
+        checks.chunk_bytes(chunk_bytes), name, bool(deterministic), bool(reduce_hidden_grad), *trunc.op_args())
     if not compute_entropy:
         ent = ent.detach()
     return logp.reshape(lead), ent.reshape(lead)

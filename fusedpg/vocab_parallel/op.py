@@ -11,45 +11,102 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..linear.op import grads_like, linear_logprob_entropy_backward_op, linear_logprob_entropy_op, stats_like
-from ..softmax_math import compute_dtype, merge_in_order, merged, partial, rescaled
-from .groups import group_of
+from .. import checks
+from ..linear.op import (_plan, grads_like, linear_logprob_entropy_backward_op, linear_logprob_entropy_op,
+                         stats_like)
+from ..linear import plan_torch
+from ..options import DEFAULT_CHUNK_BYTES, LogProbOptions
+from ..rows import Rows
+from ..softmax_math import compute_dtype, merged, partial, rescaled, rows_per_chunk
+from ..temperature import Temperature
+from ..truncation import OUTSIDE_LOGP, Truncation
+from .groups import group_of, shard_sizes
 
 IGNORE = -100
 
 
-def _merge(lp, ent, m, log_s, targets, compute_entropy: bool, group, deterministic: bool):
+def _merge(lp, ent, m, log_s, targets, compute_entropy: bool, group):
+    """Two collectives: MAX of the row maxima, one packed SUM of the rescaled terms."""
     part = partial(lp, ent, m, log_s, targets)
-    if deterministic:  # every rank merges the same gathered partials in rank order: bitwise equal everywhere
-        gathered = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, part, group=group)
-        logp, entropy, top, log_s_all = merge_in_order(gathered, compute_entropy)
-    else:  # two collectives: MAX of the row maxima, one packed SUM
-        top = m.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        packed = torch.stack(rescaled(part, top))
-        dist.all_reduce(packed, group=group)
-        logp, entropy, top, log_s_all = merged(*packed.unbind(0), top, compute_entropy)
-    kept = targets != IGNORE
-    zero = torch.zeros((), dtype=m.dtype, device=m.device)
-    return (torch.where(kept, logp, zero), torch.where(kept, entropy, zero), torch.where(kept, top, zero),
-            torch.where(kept, log_s_all, zero))
+    top = m.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    packed = torch.stack(rescaled(part, top))
+    dist.all_reduce(packed, group=group)
+    return merged(*packed.unbind(0), top, compute_entropy)
+
+
+def _gathered(x: torch.Tensor, group) -> list:
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, x, group=group)
+    return out
+
+
+def _gather_merge(plan, parts, zy, targets, compute_entropy: bool, group):
+    """Deterministic mode: every rank's per-segment softmax states are all-gathered and folded in global segment
+    order by the plan's own merge, so with whole-segment shards the merged statistics are the one-process ones,
+    bitwise (README.md#deterministic-mode)."""
+    counts = [int(c) for c in _gathered(torch.tensor([parts.shape[2]], device=parts.device), group)]
+    padded = torch.cat([parts, parts.new_zeros(parts.shape[0], 3, max(counts) - parts.shape[2])], 2)  # equal sizes
+    parts = torch.cat([p[:, :, :c] for p, c in zip(_gathered(padded, group), counts)], 2)
+    owned = _gathered(torch.stack([zy, (targets >= 0).to(zy.dtype)]), group)
+    zy = owned[0][0]
+    for other in owned[1:]:  # exactly one rank owns each target column
+        zy = torch.where(other[1] > 0, other[0], zy)
+    return plan.merge_partials(parts, zy, compute_entropy)
+
+
+def _lockstep_budget(chunk_bytes: int, vocab: int, widest: int, itemsize: int) -> int:
+    """A chunk budget giving this shard the rows per chunk of the widest shard: a truncation's collectives run per
+    chunk, so every rank must run the same chunks."""
+    rows = rows_per_chunk(widest, chunk_bytes or DEFAULT_CHUNK_BYTES, itemsize)
+    return rows * vocab * itemsize
 
 
 @torch.library.custom_op("fusedpg::vocab_parallel_linear_logprob_entropy", mutates_args=())
 def vocab_parallel_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     temp_rows: Optional[torch.Tensor], temp_value: float, compute_entropy: bool, impl: str, chunk_bytes: int,
-    group: str, deterministic: bool, reduce_hidden_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    group: str, deterministic: bool, reduce_hidden_grad: bool, top_k: Optional[torch.Tensor] = None,
+    top_p: Optional[torch.Tensor] = None, min_p: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, this rank's weight ``[V_r, H]``, local targets ``[N]`` -> (logp, entropy, m, log_s)
-    ``[N]`` over the whole vocabulary, identical on every rank of ``group``."""
-    local = linear_logprob_entropy_op(hidden, weight, bias, targets, temp_rows, temp_value, IGNORE, compute_entropy,
-                                      False, impl, chunk_bytes, deterministic, None, None, None)
-    return _merge(*local[:4], targets, compute_entropy, group_of(group), deterministic)
+    ``[N]`` over the whole vocabulary, identical on every rank of ``group``, and the truncation thresholds ``tau``
+    (``[N]``, empty without top_k / top_p / min_p; the thresholds are found over the whole vocabulary)."""
+    n, work = targets.shape[0], compute_dtype(hidden.dtype)
+    temp = Temperature.of(temp_rows, temp_value)
+    checks.temperature_values(temp)
+    pg = group_of(group)
+    sizes = shard_sizes(group, weight.shape[0], weight.device)
+    trunc = Truncation(top_k, top_p, min_p, across=pg).resolved(sum(sizes))
+    tau = torch.full((n if trunc.active else 0,), float("-inf"), dtype=work, device=hidden.device)
+    rows = Rows(targets, IGNORE)
+    if rows.count == 0:
+        z = torch.zeros(n, dtype=work, device=hidden.device)
+        return z, z.clone(), z.clone(), z.clone(), tau
+    plan = plan_torch if trunc.active else _plan(impl)  # the thresholds are found by the torch plan
+    budget = _lockstep_budget(chunk_bytes, weight.shape[0], max(sizes), work.itemsize) if trunc.active else chunk_bytes
+    opts = LogProbOptions.budgeted(budget, compute_entropy=compute_entropy, deterministic=deterministic)
+    y = rows.take(targets)
+    tau_c = torch.empty(rows.count if trunc.active else 0, dtype=work, device=hidden.device)
+    extra = (trunc.take(rows.idx), tau_c) if trunc.active else ()
+    args = (rows.take(hidden), weight, bias, y, temp.take(rows.idx), opts) + extra
+    if deterministic:
+        stats = _gather_merge(plan, *plan.forward_partials(*args), y, compute_entropy, pg)
+    else:
+        stats = _merge(*plan.forward(*args)[:4], y, compute_entropy, pg)
+    logp, entropy, top, log_s = (rows.scatter(x.to(work)) for x in stats)
+    if trunc.active:  # a target outside the kept set: the documented finite floor
+        logp = torch.where(torch.isneginf(logp), OUTSIDE_LOGP, logp)
+        tau = rows.scatter(tau_c)
+    return logp, entropy, top, log_s, tau
 
 
-vocab_parallel_op.register_fake(stats_like)
+@vocab_parallel_op.register_fake
+def _(hidden, weight, bias, targets, *args):
+    truncated = any(x is not None for x in args[-3:])
+    stats = stats_like(hidden, weight, bias, targets)
+    return stats + (hidden.new_empty(hidden.shape[0] if truncated else 0, dtype=stats[1].dtype),)
+
 
 
 @torch.library.custom_op("fusedpg::vocab_parallel_linear_logprob_entropy_backward", mutates_args=())
@@ -58,16 +115,25 @@ def vocab_parallel_backward_op(
     weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temp_rows: Optional[torch.Tensor],
     temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, compute_entropy: bool, impl: str,
     chunk_bytes: int, group: str, deterministic: bool, reduce_hidden_grad: bool, need_hidden: bool,
-    need_weight: bool, need_bias: bool,
+    need_weight: bool, need_bias: bool, top_k: Optional[torch.Tensor] = None, top_p: Optional[torch.Tensor] = None,
+    min_p: Optional[torch.Tensor] = None, tau: Optional[torch.Tensor] = None,
 ) -> List[torch.Tensor]:
     """The shard's (d_hidden, d_weight, d_bias) from the merged statistics; d_hidden summed over the group when
-    ``reduce_hidden_grad`` (each rank holds the part of ``g @ W`` from its own columns)."""
+    ``reduce_hidden_grad`` (each rank holds the part of ``g @ W`` from its own columns). Truncated: ``grad_logp``
+    is already 0 on rows whose target fell outside the kept set (on every rank, not only the target's)."""
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy, IGNORE,
-        compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, None, None, None)
+        compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, top_k, top_p, min_p,
+        False, tau)
     if need_hidden and reduce_hidden_grad:
         total = dh.to(compute_dtype(dh.dtype))  # summed at fp32, rounded once
-        dist.all_reduce(total, group=group_of(group))
+        if deterministic:  # the ranks' parts added in rank order: the same bits on every rank, run to run
+            parts = _gathered(total, group_of(group))
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+        else:
+            dist.all_reduce(total, group=group_of(group))
         dh = total.to(dh.dtype)
     return [dh, dw, db]
 
@@ -75,27 +141,34 @@ def vocab_parallel_backward_op(
 @vocab_parallel_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
       compute_entropy, impl, chunk_bytes, group, deterministic, reduce_hidden_grad, need_hidden, need_weight,
-      need_bias):
+      need_bias, top_k=None, top_p=None, min_p=None, tau=None):
     return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temp_rows, temp_value, compute_entropy, impl, chunk_bytes, group, det, reduce = inputs
-    _, entropy, m, log_s = output
+    hidden, weight, bias, targets, temp_rows, temp_value, compute_entropy, impl, chunk_bytes, group, det, reduce, \
+        top_k, top_p, min_p = inputs
+    logp, entropy, m, log_s, tau = output
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy)
+    # rows whose target fell outside the kept set have a constant log-prob: no rank may send its c
+    outside = logp == OUTSIDE_LOGP if tau.numel() else None
+    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau,
+                          outside)
     ctx.args = (temp_value, compute_entropy, impl, chunk_bytes, group, det, reduce)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
-    hidden, weight, bias, targets, temp_rows, m, log_s, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s, _grad_tau):
+    hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau, outside = ctx.saved_tensors
     temp_value, compute_entropy, impl, chunk_bytes, group, det, reduce = ctx.args
+    if outside is not None and grad_logp is not None:
+        grad_logp = grad_logp.masked_fill(outside, 0.0)
     need = ctx.needs_input_grad
     need_b = bias is not None and need[2]
     dh, dw, db = vocab_parallel_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
-        compute_entropy, impl, chunk_bytes, group, det, reduce, need[0], need[1], need_b)
-    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 9
+        compute_entropy, impl, chunk_bytes, group, det, reduce, need[0], need[1], need_b, top_k, top_p, min_p,
+        tau if tau.numel() else None)
+    return (dh if need[0] else None, dw if need[1] else None, db if need_b else None) + (None,) * 12
 
 
 vocab_parallel_op.register_autograd(_backward, setup_context=_setup)
