@@ -107,7 +107,11 @@ if [ "$DRY" = 1 ]; then
 else
   # one host read per fused-loss call (sync debug mode), bitwise batch invariance and the in-GEMM d_weight on CUDA
   step parity "$OUT/parity.txt" timeout 180 $PY -m pytest -q tests/test_host_sync.py tests/test_deterministic.py \
-    tests/test_accumulate_mm.py tests/test_otr.py
+    tests/test_accumulate_mm.py tests/test_otr.py tests/test_truncation.py tests/test_kernel_compile.py
+  # issue 11's cost ratios: deterministic vs default, truncated (Triton chunk logits) vs untruncated
+  step parity-cost "$OUT/parity-cost.txt" timeout 240 $PY -m fusedpg.cli bench --out "$OUT/parity-cost" \
+    --device cuda --case linear,logits,sampler --shape 4096x4096x151936 --impl ours,ours-det,untruncated \
+    --dtype bf16 --mode fwd+bwd --reps 5 --max-minutes 3 --no-progress --no-plots
   step verify "$OUT/verify.txt" timeout "$VERIFY_TIMEOUT" $PY -m fusedpg.cli verify --device cuda
   step pytest "$OUT/pytest.txt" timeout "$TEST_TIMEOUT" $PY -m pytest -q -x tests
   # --max-minutes stops starting measurements; the timeout only catches a hang (rows.jsonl keeps what ran).

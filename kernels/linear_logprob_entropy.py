@@ -134,11 +134,12 @@ def _linear_logprob_entropy_merge_kernel(
 
 @triton.jit
 def _linear_logprob_entropy_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, t_ptr, mx_ptr, ls_ptr, ent_ptr, c_ptr, d_ptr, g_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, t_ptr, mx_ptr, ls_ptr, ent_ptr, c_ptr, d_ptr, g_ptr, tau_ptr,
     N, V, H, K,
     stride_hn, stride_hk, stride_wv, stride_wk, stride_t, stride_gn,
     HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr = 1,
+    HAS_TAU: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BV + tl.arange(0, BV)
@@ -150,6 +151,9 @@ def _linear_logprob_entropy_bwd_kernel(
                                                       row_mask, stride_t, HAS_D, KP > 1, K)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, temp, H,
                      stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BT, BV, BK)
+    if HAS_TAU:  # the truncated distribution: the forward's row thresholds (the kept set is z >= tau)
+        tau = tl.load(tau_ptr + rows64, mask=row_mask, other=float("-inf"))
+        z = tl.where(z >= tau[:, None], z, float("-inf"))
     if KP == 1:
         hit = cols[None, :] == y[:, None]
         g = grad_tile(z, hit, m, log_s, entropy, c, d, temp, HAS_D)  # [BT, BV]
@@ -158,3 +162,25 @@ def _linear_logprob_entropy_bwd_kernel(
         g = add_onehot(g, y_ptr, c_ptr, rows64, row_mask, cols, log_s, temp, K)  # [BT, BV]
     tl.store(g_ptr + rows64[:, None] * stride_gn + cols64[None, :], g.to(g_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _linear_logits_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, z_ptr,
+    N, V, H,
+    stride_hn, stride_hk, stride_wv, stride_wk, stride_t, stride_zn,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+):
+    """The tempered logits of a chunk, fp32 ``[N, V]``, tile by tile as the fused kernels form them (the truncated
+    head finds its thresholds on this buffer)."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BV + tl.arange(0, BV)
+    row_mask = rows < N
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    temp = tl.load(t_ptr + rows64 * stride_t, mask=row_mask, other=1.0).to(tl.float32)
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, temp, H,
+                     stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BT, BV, BK)
+    tl.store(z_ptr + rows64[:, None] * stride_zn + cols64[None, :], z, mask=row_mask[:, None] & col_mask[None, :])

@@ -20,7 +20,7 @@ from fusedpg.linear.reference import linear_logprob_entropy_reference
 from conftest import BACKENDS, DTYPES, HAS_CUDA, assert_all_ok
 
 
-def _fwd_bwd(backend, x, *, op="linear", temperature=None, inplace=False, grad_ent=True):
+def _fwd_bwd(backend, x, *, op="linear", temperature=None, inplace=False, grad_ent=True, **truncation):
     """Outputs and gradients of one call on fresh leaves built from the inputs dict ``x`` (make_linear_inputs)."""
     temp = x["temperature"] if temperature is None else temperature
     y = x["targets"]
@@ -29,7 +29,7 @@ def _fwd_bwd(backend, x, *, op="linear", temperature=None, inplace=False, grad_e
         leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
         bias = leaves[2] if len(leaves) > 2 else None
         logp, ent = fusedpg.linear_logprob_entropy(leaves[0], leaves[1], y, bias=bias, temperature=temp,
-                                                   impl=backend.impl)
+                                                   impl=backend.impl, **truncation)
     else:
         logits = x["hidden"].double() @ x["weight"].double().T
         if x["bias"] is not None:
@@ -188,7 +188,7 @@ def test_06_outputs_are_fp32(backend, dtype, op):
 # ---------------------------------------------------------------------------------------------------------- #7
 
 _ALLOWED_CONSTEXPR = {"HAS_BIAS", "HAS_D", "COMPUTE_ENTROPY", "DOT_PRECISION", "UPCAST_DOT", "BT", "BV", "BK",
-                      "KP"}  # KP: the targets per row, padded to a power of two (a tile shape)
+                      "KP", "HAS_TAU"}  # KP: the targets per row, padded to a power of two (a tile shape)
 
 
 def _kernels():
@@ -252,6 +252,7 @@ def _launch_all(backend, n, temperature, dtype=torch.float32):
     if temperature == "per-token":
         temperature = torch.rand(n, device=backend.device) + 0.5
     _fwd_bwd(backend, x, op="linear", temperature=temperature)
+    _fwd_bwd(backend, x, op="linear", temperature=temperature, top_k=5)  # the chunk logits, the masked gradient
     _fwd_bwd(backend, x, op="logits", temperature=temperature)
 
 

@@ -107,14 +107,22 @@ def test_logits_op_matches_the_reference(backend, name):
         assert_close_to_truth(f"logits.{name}.{out}", ours[out].cpu(), eager[out], truth[out], torch.float32)
 
 
-def test_targets_outside_the_kept_set_get_the_floor_and_no_log_prob_gradient():
+def test_targets_outside_the_kept_set_get_the_floor_and_no_log_prob_gradient(backend):
+    """Both backends: the Triton gradient kernel masks with the thresholds and relies on the op's autograd to drop
+    the c of such rows, the torch plan drops it itself."""
     hidden, weight, targets, up = _inputs(torch.float32)
     targets = (hidden @ weight.T).argmin(-1)  # the least likely token: outside any top-5
-    h = hidden.clone().requires_grad_()
-    logp, _ = fusedpg.linear_logprob_entropy(h, weight, targets, top_k=5, impl="torch")
-    assert torch.equal(logp, torch.full_like(logp, OUTSIDE_LOGP))
+    targets[::2] = (hidden @ weight.T)[::2].argmax(-1)  # and the most likely, inside, on every other row
+    h, w = hidden.clone().to(backend.device).requires_grad_(), weight.clone().to(backend.device).requires_grad_()
+    logp, _ = fusedpg.linear_logprob_entropy(h, w, targets.to(backend.device), top_k=5, impl=backend.impl)
+    assert torch.equal(logp[1::2], torch.full_like(logp[1::2], OUTSIDE_LOGP))
+    assert (logp[::2] > OUTSIDE_LOGP).all()
     logp.sum().backward()
-    assert not h.grad.any()  # a constant floor: only the entropy would send gradient
+    assert not h.grad[1::2].any() and h.grad[::2].any()  # a constant floor: only the entropy would send gradient
+    ref_w = weight.clone().requires_grad_()
+    ref = linear_logprob_entropy_reference(hidden[::2], ref_w, targets[::2], truncation=(5, None, None))[0]
+    ref.sum().backward()
+    torch.testing.assert_close(w.grad.cpu(), ref_w.grad.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_ties_at_the_boundary_are_kept():

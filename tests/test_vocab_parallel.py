@@ -120,6 +120,7 @@ def _colwise_vs_loss_parallel(d, mesh):
 
 
 def _worker(rank, world, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"  # the ranks hold CPU tensors: Triton interpreted, on a GPU machine too
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=world)

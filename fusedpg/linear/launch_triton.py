@@ -13,6 +13,7 @@ from ..logits.launch_triton import target_layout
 from ..options import LogProbOptions
 from ..temperature import Temperature
 from ..kernels.linear_logprob_entropy import (
+    _linear_logits_kernel,
     _linear_logprob_entropy_bwd_kernel,
     _linear_logprob_entropy_fwd_kernel,
     _linear_logprob_entropy_merge_kernel,
@@ -83,6 +84,28 @@ def merge_partials(parts: torch.Tensor, zy: torch.Tensor, compute_entropy: bool)
     return logp.view(shape), entropy, mx, log_s
 
 
+def chunk_logits(weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``logits(h, temp)``: the tempered fp32 logits ``[R, V]`` of rows ``h`` ``[R, H]``, formed by the fused kernels'
+    tile code (half-precision products, fp32 accumulation): the truncated head's chunks on this backend."""
+    bias = None if bias is None else bias.contiguous()
+
+    def logits(h: torch.Tensor, temp: Temperature) -> torch.Tensor:
+        check_triton_dtype("hidden", h)
+        (n, h_dim), vocab = h.shape, weight.shape[0]
+        cfg = tile_config(h.dtype)
+        z = torch.empty((n, vocab), dtype=torch.float32, device=h.device)
+        t, stride_t = temp.kernel_arg(h.device)
+        _linear_logits_kernel[(triton.cdiv(n, cfg.BT), triton.cdiv(vocab, cfg.BV))](
+            h, weight, bias if bias is not None else weight, t, z, n, vocab, h_dim,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), stride_t, z.stride(0),
+            HAS_BIAS=bias is not None, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
+            BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return z
+
+    return logits
+
+
 def backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -97,6 +120,7 @@ def backward(
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
     accumulate: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
+    tau: Optional[torch.Tensor] = None,
 ):
     """(d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed.
 
@@ -106,6 +130,9 @@ def backward(
     Per chunk of rows a kernel writes dL/du ``[rows, V]`` (fp32 for fp32 inputs, else the input dtype) into one
     reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows, and ``accumulate_mm_``
     adds each chunk's dweight into the fp32 accumulator inside the GEMM (fusedpg/gemm.py).
+
+    ``tau`` ``[N]``: the forward's truncation thresholds (logits below them are out of the kept set); the caller has
+    zeroed ``c`` on rows whose target fell outside it.
     """
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
@@ -137,10 +164,11 @@ def backward(
         _linear_logprob_entropy_bwd_kernel[(triton.cdiv(r, cfg.BT), triton.cdiv(vocab, cfg.BV))](
             h, weight, bias if bias is not None else weight, y[lo:], t[lo:] if stride_t else t,
             m[lo:], log_s[lo:], entropy[lo:], c[lo:], d[lo:] if d is not None else c, g,
-            r, vocab, h_dim, k,
+            tau[lo:] if tau is not None else m, r, vocab, h_dim, k,
             h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), stride_t, g.stride(0),
             HAS_BIAS=bias is not None, HAS_D=d is not None, DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot,
-            BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, KP=kp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, KP=kp, HAS_TAU=tau is not None, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         gc = g[:r]
         if need_h and opts.deterministic:  # cuBLAS picks its algorithm by shape: fixed row blocks

@@ -6,6 +6,7 @@ gradients. Ignored rows are compacted away inside both (one ``nonzero``), so the
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -55,8 +56,10 @@ def linear_logprob_entropy_op(
     # thresholds, and several targets at low memory (its vocabulary-blocked forward takes one): the torch plan
     if trunc.active or (kept is not None and low_memory):
         tau_c = torch.empty(rows.count if trunc.active else 0, dtype=out, device=hidden.device)
-        stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx), opts,
-                                   trunc.take(rows.idx), tau_c if trunc.active else None)
+        logits = chunk_logits(impl, deterministic, weight, bias)
+        stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx),
+                                   opts if logits is None else replace(opts, chunk_bytes=opts.device_chunk_bytes),
+                                   trunc.take(rows.idx), tau_c if trunc.active else None, logits)
         if trunc.active:
             stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
             tau = rows.scatter(tau_c)
@@ -68,6 +71,15 @@ def linear_logprob_entropy_op(
     if kept is not None:  # an ignored target's logp is 0
         stats = (stats[0].masked_fill(~rows.take(kept), 0.0),) + tuple(stats[1:])
     return tuple(rows.scatter(x.to(out)) for x in stats) + (tau,)
+
+
+def chunk_logits(impl: str, deterministic: bool, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The chunk logits of the torch plan's truncated loop: the Triton tile kernel's on that backend (half-precision
+    products at tensor-core speed, chunks sized by the device budget), None for the torch plan's own GEMM (and in
+    deterministic mode, whose fixed segments the torch plan forms)."""
+    if impl != "triton" or deterministic:
+        return None
+    return _plan("triton").chunk_logits(weight, bias)
 
 
 def _per_target(targets: torch.Tensor, ignore_index: int):
@@ -131,9 +143,11 @@ def linear_logprob_entropy_backward_op(
         if low_memory:  # blocked over the vocabulary, hidden gathered per tile, d_hidden written at full size
             grads = plan_low.backward_vocab_blocked(hidden, *rest, idx=rows.idx)
             scatter_h = False
+        elif truncated:  # the thresholds' mask inside the Triton gradient kernel, or the torch plan's recompute
+            plan = _plan(impl) if impl == "triton" and not deterministic else plan_torch
+            grads = plan.backward(rows.take(hidden), *rest, tau=rows.take(tau))
         else:
-            grads = (plan_torch if truncated else _plan(impl)).backward(
-                rows.take(hidden), *rest, **({"tau": rows.take(tau)} if truncated else {}))
+            grads = _plan(impl).backward(rows.take(hidden), *rest)
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (scatter_h, False, False)):
         if not need:
@@ -155,15 +169,20 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_va
 def _setup(ctx, inputs, output):
     hidden, weight, bias, targets, temp_rows, temp_value, ignore_index, compute_entropy, _, impl, chunk_bytes, \
         deterministic, top_k, top_p, min_p, low_memory = inputs
-    _, entropy, m, log_s, tau = output
+    logp, entropy, m, log_s, tau = output
     ctx.set_materialize_grads(False)  # an unused output (entropy, statistics) skips its work in backward
-    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau)
+    # a target outside the kept set has a constant log-prob: its c must not reach any column's gradient
+    outside = logp == OUTSIDE_LOGP if tau.numel() else None
+    ctx.save_for_backward(hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau,
+                          outside)
     ctx.args = (temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic, low_memory)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s, _grad_tau):
-    hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau = ctx.saved_tensors
+    hidden, weight, bias, targets, temp_rows, m, log_s, entropy, top_k, top_p, min_p, tau, outside = ctx.saved_tensors
     temp_value, ignore_index, compute_entropy, impl, chunk_bytes, deterministic, low_memory = ctx.args
+    if outside is not None and grad_logp is not None:
+        grad_logp = grad_logp.masked_fill(outside, 0.0)
     need = ctx.needs_input_grad
     need_b = bias is not None and need[2]
     dh, dw, db = linear_logprob_entropy_backward_op(

@@ -6,7 +6,7 @@ docs/math.md#execution-plans, 8·N·H·V FLOPs). Inputs are already compacted to
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -40,21 +40,25 @@ def forward(
     opts: LogProbOptions,
     trunc: Truncation = Truncation(),
     tau_out: Optional[torch.Tensor] = None,
+    logits: Optional[Callable] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` (or ``[N, K]``: logp ``[N, K]``) -> (logp, entropy,
     m, log_s), each ``[N]``; with an active ``trunc``, those of the truncated distribution (``-inf`` log-prob for a
-    target outside it), and its row thresholds written into ``tau_out`` ``[N]``."""
+    target outside it), and its row thresholds written into ``tau_out`` ``[N]``. ``logits(h, temp)`` forms a
+    chunk's tempered fp32 logits (default: a torch GEMM; the Triton backend passes its tile kernel's)."""
     if opts.deterministic:
         parts, zy = forward_partials(hidden, weight, bias, targets, temp, opts, trunc, tau_out)
         return merge_partials(parts, zy, opts.compute_entropy)
     n, vocab = hidden.shape[0], weight.shape[0]
     work = compute_dtype(hidden.dtype)
-    w, b = compute_head(weight, bias, work)
+    if logits is None:
+        w, b = compute_head(weight, bias, work)
+        logits = (lambda h, t: tempered_logits(h, w, b, t, work))  # noqa: E731
     outs = [torch.empty(targets.shape if i == 0 else n, dtype=work, device=hidden.device) for i in range(4)]
     step, take = fixed_rows.chunking(False, rows_per_chunk(vocab, opts.chunk_bytes, work.itemsize), hidden.device)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        z = tempered_logits(take(hidden, lo, hi), w, b, take(temp, lo, hi), work)
+        z = logits(take(hidden, lo, hi), take(temp, lo, hi))
         if trunc.active:
             tau_out[lo:hi] = truncate_(z, take(trunc, lo, hi))[:hi - lo]
         for out, val in zip(outs, softmax_stats(z, take(targets, lo, hi), opts.compute_entropy)):

@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checks
-from ..linear.op import (_plan, grads_like, linear_logprob_entropy_backward_op, linear_logprob_entropy_op,
-                         stats_like)
+from ..linear.op import _plan, chunk_logits, grads_like, linear_logprob_entropy_backward_op, stats_like
 from ..linear import plan_torch
 from ..options import DEFAULT_CHUNK_BYTES, LogProbOptions
 from ..rows import Rows
@@ -83,12 +82,14 @@ def vocab_parallel_op(
     if rows.count == 0:
         z = torch.zeros(n, dtype=work, device=hidden.device)
         return z, z.clone(), z.clone(), z.clone(), tau
-    plan = plan_torch if trunc.active else _plan(impl)  # the thresholds are found by the torch plan
+    plan = plan_torch if trunc.active else _plan(impl)  # the thresholds are found by the torch plan's loop
     budget = _lockstep_budget(chunk_bytes, weight.shape[0], max(sizes), work.itemsize) if trunc.active else chunk_bytes
     opts = LogProbOptions.budgeted(budget, compute_entropy=compute_entropy, deterministic=deterministic)
     y = rows.take(targets)
     tau_c = torch.empty(rows.count if trunc.active else 0, dtype=work, device=hidden.device)
     extra = (trunc.take(rows.idx), tau_c) if trunc.active else ()
+    if trunc.active and not deterministic:  # chunk logits from the Triton tiles on that backend
+        extra += (chunk_logits(impl, deterministic, weight, bias),)
     args = (rows.take(hidden), weight, bias, y, temp.take(rows.idx), opts) + extra
     if deterministic:
         stats = _gather_merge(plan, *plan.forward_partials(*args), y, compute_entropy, pg)
