@@ -38,9 +38,13 @@ def fused_inputs(loss_type: str, *, batch: int = 4, width: int = 6, h: int = 24,
 
 def check_fused_pg(loss_type: str, *, impl: Optional[str] = None, dtype: torch.dtype = torch.float32,
                    plan: Optional[str] = None, seed: int = 0, chunk_bytes: Optional[int] = None,
-                   options: Optional[dict] = None, device="cpu", **shape) -> List[Comparison]:
-    """Loss, metrics and the gradients of hidden, weight and bias of ``fused_linear_pg_loss`` vs the reference."""
+                   options: Optional[dict] = None, device: Optional[str] = None, **shape) -> List[Comparison]:
+    """Loss, metrics and the gradients of hidden, weight and bias of ``fused_linear_pg_loss`` vs the reference.
+    ``device``: where the inputs live (default: CUDA for ``impl="triton"`` when there is one, else the CPU)."""
     from ..linear_pg import fused_linear_pg_loss
+
+    if device is None:
+        device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
 
     x = fused_inputs(loss_type, seed=seed, **shape)
     x["targets"] = x["targets"].to(device)
