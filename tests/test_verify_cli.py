@@ -55,6 +55,21 @@ def test_verify_primitives_table():
         assert any(r.startswith("linear_logprob_entropy[det]") and " d_hidden " in r and dtype in r for r in rows)
 
 
+def test_verify_tp_group_runs_two_gloo_ranks():
+    """--only tp: the merged log-probs, entropy and every gradient of a head sharded over 2 gloo ranks (plain,
+    deterministic, truncated) against float64, and the deterministic whole-segment results equal to one process."""
+    import io
+
+    buf = io.StringIO()
+    assert runner.run("cpu", None, [torch.float32], out=buf, groups=("tp",))
+    rows = _table_rows(buf.getvalue())
+    assert len(rows) == 3 * 5 + 3, rows
+    for op in ("vocab_parallel ", "vocab_parallel[det] ", "vocab_parallel[trunc]"):
+        assert sum(r.startswith(op) for r in rows) == 5, op
+    bitwise = [r for r in rows if r.startswith("vocab_parallel[det,bitwise]")]
+    assert len(bitwise) == 3 and all("== 1 process" in r and " 0.000e+00 " in r for r in bitwise)
+
+
 def test_verify_triton_one_dtype(capsys):
     impl, device = BACKENDS[1]
     assert cli.main(["verify", "--impl", impl, "--device", device, "--dtype", "bf16", "--only", "primitives"]) == 0

@@ -96,13 +96,26 @@ def _seed_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison
     yield "knapsack_group_sizes", "total value vs exhaustive", _worst_by(check_knapsack(), lambda r: "all")["all"]
 
 
-GROUPS = {"primitives": _primitive_rows, "pg": _pg_rows, "seed": _seed_rows, "attention": _attention_rows}
+def _tp_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison]]:
+    """Two gloo ranks on the CPU (torch plan) whatever the device: vocabulary-parallel merges and gradients."""
+    from .cases_tp import check_tp
+
+    rows = check_tp(dtypes)
+    for op in dict.fromkeys(label for label, _ in rows):
+        mine = [r for label, r in rows if label == op]
+        for r in _worst_by(mine, lambda r: (r.name.split(".", 1)[1], r.dtype)).values():
+            yield op, r.name.split(".", 1)[1], r
+
+
+GROUPS = {"primitives": _primitive_rows, "pg": _pg_rows, "seed": _seed_rows, "attention": _attention_rows,
+          "tp": _tp_rows}
 _SLACKS = ", ".join(f"{str(d)[6:]} {SLACK[d]:g}" for d in (torch.float32, torch.bfloat16, torch.float16))
 LEGEND = (  # printed under the table and in --help
     "ours/eager = max |ours - float64| / max |eager - float64|, eager being plain PyTorch at the row's dtype\n"
     "(for scale; inf: eager exact, ours not). A row passes when every element has\n"
     "|ours - float64| <= 2 * |eager - float64| + slack * max(1, max |float64|),\n"
-    f"slack {_SLACKS}: a ratio above 2 can pass where eager is almost exact.")
+    f"slack {_SLACKS}: a ratio above 2 can pass where eager is almost exact.\n"
+    "Rows '== 1 process' pass only when torch.equal holds (max abs err is then 0).")
 
 
 def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
@@ -153,7 +166,8 @@ def main(argv=None) -> int:
                         help="input dtype, repeatable (default: all three)")
     parser.add_argument("--only", action="append", choices=list(GROUPS),
                         help="repeatable: primitives (log-prob and entropy ops), pg (policy-gradient losses), "
-                             "seed (OTR, COPO, Knapsack budgets), attention (shared-prefix attention); default: all")
+                             "seed (OTR, COPO, Knapsack budgets), attention (shared-prefix attention), tp "
+                             "(a vocabulary-parallel head on 2 gloo ranks, CPU); default: all")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bad = _bad_arguments(device, args.impl)
