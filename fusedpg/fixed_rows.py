@@ -14,6 +14,7 @@ from them, are the one-process ones (fusedpg/vocab_parallel/README.md#determinis
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -28,7 +29,15 @@ def block_rows(device: torch.device) -> int:
 
 
 def vocab_segment(device: torch.device) -> int:
-    return DETERMINISTIC_SEGMENT.get(device.type, DETERMINISTIC_SEGMENT["cpu"])
+    """Columns of a fixed vocabulary segment: ``FUSEDPG_DETERMINISTIC_SEGMENT`` when set (vocabulary-parallel
+    results equal one process's bitwise when every shard is a whole number of segments: 128 fits Megatron's padded
+    shards), else the device default."""
+    value = os.environ.get("FUSEDPG_DETERMINISTIC_SEGMENT", "").strip()
+    if not value:
+        return DETERMINISTIC_SEGMENT.get(device.type, DETERMINISTIC_SEGMENT["cpu"])
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FUSEDPG_DETERMINISTIC_SEGMENT must be a positive number of vocabulary columns, got {value!r}")
+    return int(value)
 
 
 def block(x: Optional[torch.Tensor], lo: int, hi: int, rows: int, fill: float = 0) -> Optional[torch.Tensor]:

@@ -117,3 +117,23 @@ def test_fused_loss_rows_and_reruns(backend):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     other = run(12, 3, 10)
     assert torch.equal(first[3][5], other[3][3]) and torch.equal(first[4][5], other[4][3])
+
+
+def test_segment_width_from_the_environment(monkeypatch):
+    """FUSEDPG_DETERMINISTIC_SEGMENT sets the fixed vocabulary segment (so that a GPU's tensor-parallel shards can be
+    whole segments); the results stay correct and batch-invariant, and a bad value names the variable."""
+    from fusedpg import fixed_rows
+
+    monkeypatch.setenv("FUSEDPG_DETERMINISTIC_SEGMENT", "64")
+    assert fixed_rows.vocab_segment(torch.device("cpu")) == 64
+    hidden, temps, targets, up = _batch(9, 4, seed=3)
+    alone = _linear(*(x[4:5] if x.dim() == 1 else x[4:5] for x in (hidden, temps, targets)), up[:, 4:5], "torch",
+                    None, deterministic=True)
+    inside = _linear(hidden, temps, targets, up, "torch", None, deterministic=True)
+    assert torch.equal(alone[0][0], inside[0][4]) and torch.equal(alone[2][0], inside[2][4])
+    default = _linear(hidden, temps, targets, up, "torch", None, deterministic=False)
+    for got, want in zip(inside, default):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("FUSEDPG_DETERMINISTIC_SEGMENT", "0")
+    with pytest.raises(ValueError, match="FUSEDPG_DETERMINISTIC_SEGMENT must be a positive number"):
+        fixed_rows.vocab_segment(torch.device("cpu"))
