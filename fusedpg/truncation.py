@@ -37,6 +37,8 @@ class Truncation:
     #: whole vocabulary's size (0: the chunk's width).
     across: Optional[object] = None
     vocab: int = 0
+    #: Select with the Triton digit-mass kernel (the Triton backend's fp32 chunks) instead of torch histograms.
+    kernel: bool = False
 
     def resolved(self, vocab: int) -> "Truncation":
         """This truncation with its host-side facts read in one device-to-host copy (one sync per call on CUDA,
@@ -133,16 +135,12 @@ def apply_(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 def _radix_select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: torch.Tensor,
                   across=None) -> torch.Tensor:
-    """``_select`` for int32 keys by digits, most significant first: per pass, a 256-bin histogram of the next
-    8 bits over the keys that share the digits chosen so far (weighted, summed in float64 so that the mass test
-    does not depend on the order of an fp32 sum), then the largest digit whose mass from the top, plus the mass
-    of larger prefixes, reaches the target. Four passes over the chunk instead of the bisection's 33."""
+    """``_select`` for int32 keys by 8-bit digits in torch: per pass, a 256-bin histogram (weighted, summed in
+    float64 so that the mass test does not depend on the order of an fp32 sum) of the keys that share the digits
+    chosen so far. Four passes over the chunk instead of the bisection's 33."""
     rows, vocab = keys.shape
-    bins = torch.arange(256, device=keys.device)
-    prefix = torch.zeros(rows, dtype=torch.int64, device=keys.device)
-    above = torch.zeros(rows, dtype=torch.float64, device=keys.device)
-    goal = target.to(torch.float64)
-    for shift in (24, 16, 8, 0):
+
+    def hist_of(shift: int, prefix: torch.Tensor) -> torch.Tensor:
         hist = torch.zeros(rows, 256, dtype=torch.float64, device=keys.device)
         for lo in range(0, vocab, RADIX_COLUMNS):
             u = keys[:, lo:lo + RADIX_COLUMNS].to(torch.int64) + 2 ** 31  # unsigned order, in [0, 2^32)
@@ -151,12 +149,52 @@ def _radix_select(keys: torch.Tensor, weights: Optional[torch.Tensor], target: t
             if shift < 24:
                 w = w.masked_fill_((u >> (shift + 8)) != prefix[:, None], 0.0)
             hist.scatter_add_(1, (u >> shift) & 255, w)
-        _reduced(hist, across, "sum")
+        return hist
+
+    return _digit_select(hist_of, target.to(torch.float64), rows, keys.device, across, 8)
+
+
+def _kernel_select(z: torch.Tensor, m: torch.Tensor, goal, weighted: bool, across=None) -> torch.Tensor:
+    """``_select`` of fp32 logits by the Triton digit-mass kernel (kernels/truncation.py): eight passes of 4-bit
+    digits, each one read of the chunk with the weights ``exp(z - m)`` formed in registers, no histogram atomics.
+    ``goal``: ``[R]``, or a function of each row's total mass (the first pass's sum: top-p's fraction of it)."""
+    import triton  # lazy: only the Triton backend's truncated head gets here
+
+    from .backend import triton_interpreting
+    from .kernels.truncation import _digit_mass_kernel
+
+    rows, vocab = z.shape
+    m = m.reshape(rows).float().contiguous()
+    block = 64 if triton_interpreting() else 256
+
+    def hist_of(shift: int, prefix: torch.Tensor) -> torch.Tensor:
+        hist = torch.empty(rows, 16, dtype=torch.float64, device=z.device)
+        if rows:
+            _digit_mass_kernel[(rows,)](z, m, prefix, hist, vocab, z.stride(0), SHIFT=shift, WEIGHTED=weighted,
+                                        BLOCK=block, num_warps=4)
+        return hist
+
+    return _digit_select(hist_of, goal, rows, z.device, across, 4)
+
+
+def _digit_select(hist_of, goal, rows: int, device, across, bits: int) -> torch.Tensor:
+    """The radix select's decisions, most significant digit first: ``hist_of(shift, prefix)`` gives each row's
+    float64 mass per ``bits``-bit digit among the keys whose higher digits are ``prefix`` (summed over the ranks of
+    ``across``); the largest digit whose mass from the top, plus the mass of larger prefixes, reaches the goal is
+    chosen. Returns the signed key of the threshold."""
+    nb = 1 << bits
+    bins = torch.arange(nb, device=device)
+    prefix = torch.zeros(rows, dtype=torch.int64, device=device)
+    above = torch.zeros(rows, dtype=torch.float64, device=device)
+    for shift in range(32 - bits, -1, -bits):
+        hist = _reduced(hist_of(shift, prefix), across, "sum")
+        if callable(goal):
+            goal = goal(hist.sum(1))
         from_top = hist.flip(1).cumsum(1).flip(1)  # mass of the matching keys whose digit is >= d
         ok = (above[:, None] + from_top) >= goal[:, None]
         d = torch.where(ok.any(1), (ok * bins).amax(1), 0)  # none: the whole row is kept (rounding of target)
-        above += torch.where(d < 255, from_top.gather(1, (d + 1).clamp(max=255)[:, None])[:, 0], 0.0)
-        prefix = prefix * 256 + d
+        above += torch.where(d < nb - 1, from_top.gather(1, (d + 1).clamp(max=nb - 1)[:, None])[:, 0], 0.0)
+        prefix = prefix * nb + d
     return prefix - 2 ** 31
 
 
@@ -172,6 +210,7 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
     trunc = trunc.resolved(width)  # a no-op when the op already resolved it for the whole call
     vocab, across = trunc.vocab, trunc.across
     iters = 33 if z.dtype == torch.float32 else 65
+    kernel = trunc.kernel and z.dtype == torch.float32 and z.stride(1) == 1
     m = _reduced(z.amax(1, keepdim=True), across, "max")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     floor = torch.full((rows, 1), float("-inf"), dtype=z.dtype, device=z.device)
@@ -184,15 +223,21 @@ def truncate_(z: torch.Tensor, trunc: Truncation) -> torch.Tensor:
         off = ((trunc.top_k <= 0) | (trunc.top_k >= vocab))[:, None]
         if rows and trunc.k_uniform and across is None:  # one k for every row (the usual case): one selection
             kth = z.kthvalue(vocab - min(max(trunc.k_uniform, 1), vocab) + 1, dim=1).values[:, None]
-        elif rows:  # per-row k, or a sharded vocabulary: the count select, all rows at once
+        elif rows and kernel:  # per-row k, or a sharded vocabulary: the count select, all rows at once
+            kth = _from_keys(_kernel_select(z, m, k.to(torch.float64), False, across), z.dtype)[:, None]
+        elif rows:
             kth = _from_keys(_select(_keys(z), None, k, iters, across), z.dtype)[:, None]
         if rows:
             floor = torch.where(off, floor, torch.maximum(floor, kth))
     z.masked_fill_(z < floor, float("-inf"))
     if trunc.top_p is not None and trunc.p_on:
-        w = torch.exp(z - m)  # 0 on the masked logits
-        target = trunc.top_p.to(z.dtype) * _reduced(w.sum(1), across, "sum")
-        at = _from_keys(_select(_keys(z), w, target, iters, across), z.dtype)[:, None]
+        if kernel:  # the weights exp(z - m) in the kernel's registers; the goal a fraction of the first pass's sum
+            p = trunc.top_p.to(torch.float64)
+            at = _from_keys(_kernel_select(z, m, lambda total: p * total, True, across), z.dtype)[:, None]
+        else:
+            w = torch.exp(z - m)  # 0 on the masked logits
+            target = trunc.top_p.to(z.dtype) * _reduced(w.sum(1), across, "sum")
+            at = _from_keys(_select(_keys(z), w, target, iters, across), z.dtype)[:, None]
         floor = torch.where((trunc.top_p >= 1)[:, None], floor, torch.maximum(floor, at))
         apply_(z, floor[:, 0])
     return floor[:, 0]

@@ -279,6 +279,28 @@ def test_radix_select_is_the_largest_threshold_that_reaches_the_target():
     assert (mass(t) >= target.double()).all() and (mass(nxt) < target.double()).all()
 
 
+def test_triton_digit_select_picks_the_torch_radix_thresholds():
+    """The Triton backend's select (kernels/truncation.py: eight 4-bit passes, weights formed in the kernel) finds
+    the same thresholds as the torch radix select: counts exactly, masses with the goal a fraction of the row's
+    total; ties, negative rows and masked (-inf) columns included. Interpreted on CPU."""
+    from fusedpg.truncation import _kernel_select, _keys, _radix_select
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(12, 300, generator=g) * 3
+    z[:, :40] = z[:, :1]  # ties
+    z[2] = -z[2].abs()  # negatives only
+    z[5, 100:] = float("-inf")  # masked by min-p / top-k before top-p
+    k = torch.randint(1, 300, (12,), generator=g)
+    k[5] = 50
+    m = z.amax(1, keepdim=True)
+    assert torch.equal(_kernel_select(z, m, k.double(), False), _radix_select(_keys(z), None, k))
+    w = torch.exp(z - m)
+    p = torch.rand(12, generator=g).double()
+    ours = _kernel_select(z, m, lambda total: p * total, True)
+    torch_keys = _radix_select(_keys(z), w, p * w.double().sum(1))
+    assert torch.equal(ours, torch_keys)
+
+
 def test_truncated_backward_without_the_saved_thresholds_is_refused():
     """A direct call of the backward op with top_k but no ``tau`` would silently give the untruncated gradient."""
     from fusedpg.logits.op import logprob_entropy_backward_op

@@ -56,10 +56,11 @@ def linear_logprob_entropy_op(
     # thresholds, and several targets at low memory (its vocabulary-blocked forward takes one): the torch plan
     if trunc.active or (kept is not None and low_memory):
         tau_c = torch.empty(rows.count if trunc.active else 0, dtype=out, device=hidden.device)
-        logits = chunk_logits(impl, deterministic, weight, bias)
+        logits = chunk_logits(impl, deterministic, weight, bias)  # with it, the select's Triton kernel too
         stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx),
                                    opts if logits is None else replace(opts, chunk_bytes=opts.device_chunk_bytes),
-                                   trunc.take(rows.idx), tau_c if trunc.active else None, logits)
+                                   replace(trunc.take(rows.idx), kernel=logits is not None),
+                                   tau_c if trunc.active else None, logits)
         if trunc.active:
             stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
             tau = rows.scatter(tau_c)

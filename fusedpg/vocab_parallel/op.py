@@ -6,6 +6,7 @@ of the LM head, then the per-row softmax statistics are merged across the group 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -87,9 +88,10 @@ def vocab_parallel_op(
     opts = LogProbOptions.budgeted(budget, compute_entropy=compute_entropy, deterministic=deterministic)
     y = rows.take(targets)
     tau_c = torch.empty(rows.count if trunc.active else 0, dtype=work, device=hidden.device)
-    extra = (trunc.take(rows.idx), tau_c) if trunc.active else ()
-    if trunc.active and not deterministic:  # chunk logits from the Triton tiles on that backend
-        extra += (chunk_logits(impl, deterministic, weight, bias),)
+    logits = chunk_logits(impl, deterministic, weight, bias) if trunc.active else None  # the Triton tiles
+    extra = (replace(trunc.take(rows.idx), kernel=logits is not None), tau_c) if trunc.active else ()
+    if logits is not None:
+        extra += (logits,)
     args = (rows.take(hidden), weight, bias, y, temp.take(rows.idx), opts) + extra
     if deterministic:
         stats = _gather_merge(plan, *plan.forward_partials(*args), y, compute_entropy, pg)
