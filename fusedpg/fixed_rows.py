@@ -127,3 +127,20 @@ class SegmentedHead:
             end = (first + k) * self.seg
             out = dw[first * self.seg:end].view(k, self.seg, -1) if end <= self.vocab else tail.view(1, self.seg, -1)
             out.baddbmm_(g3[:, first:first + k].permute(1, 2, 0), h.expand(k, rows, h.shape[1]))
+
+    def hidden_grad_(self, acc: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``acc += g @ W`` ``[R, H]`` as a fold over the segments in order: ``acc += g_s @ W_s`` one segment after
+        another (products batched, ``FOLD_GROUP`` segments at a time), so a vocabulary-parallel rank can continue
+        the fold of the ranks before it and end with one process's bits."""
+        rows = g.shape[0]
+        g3 = g.view(rows, self.count, self.seg)
+        for first, w3, _ in self.groups:
+            for lo in range(0, w3.shape[0], FOLD_GROUP):
+                hi = min(w3.shape[0], lo + FOLD_GROUP)
+                for prod in torch.bmm(g3[:, first + lo:first + hi].transpose(0, 1), w3[lo:hi]):
+                    acc.add_(prod)
+        return acc
+
+
+#: Segments whose ``[rows, H]`` products one batched GEMM forms before they are folded into d_hidden.
+FOLD_GROUP = 64

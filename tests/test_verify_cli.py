@@ -63,11 +63,11 @@ def test_verify_tp_group_runs_two_gloo_ranks():
     buf = io.StringIO()
     assert runner.run("cpu", None, [torch.float32], out=buf, groups=("tp",))
     rows = _table_rows(buf.getvalue())
-    assert len(rows) == 3 * 5 + 3, rows
+    assert len(rows) == 3 * 5 + 4, rows
     for op in ("vocab_parallel ", "vocab_parallel[det] ", "vocab_parallel[trunc]"):
         assert sum(r.startswith(op) for r in rows) == 5, op
     bitwise = [r for r in rows if r.startswith("vocab_parallel[det,bitwise]")]
-    assert len(bitwise) == 3 and all("== 1 process" in r and " 0.000e+00 " in r for r in bitwise)
+    assert len(bitwise) == 4 and all("== 1 process" in r and " 0.000e+00 " in r for r in bitwise)
 
 
 def test_verify_triton_one_dtype(capsys):

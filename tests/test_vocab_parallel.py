@@ -39,9 +39,9 @@ def _data(dtype=torch.float64):
 
 
 def _whole_segments(world):
-    """A head of whole 128-column segments per rank (the CPU deterministic segment), its last 5 rows padding."""
+    """A head of two whole 128-column segments per rank (the CPU deterministic segment), its last 5 rows padding."""
     g = torch.Generator().manual_seed(9)
-    vocab = 128 * world
+    vocab = 256 * world  # two segments a rank: a fold over them is not a sum of per-rank sums
     d = dict(hidden=torch.randn(B * T, H, generator=g), weight=torch.randn(vocab, H, generator=g) / H ** 0.5,
              bias=0.1 * torch.randn(vocab, generator=g), targets=torch.randint(0, vocab - 5, (B * T,), generator=g),
              temp=0.5 + torch.rand(B * T, generator=g), up=(torch.randn(B * T, generator=g),
@@ -156,8 +156,8 @@ def _worker(rank, world, out_dir):
     out["truncated.loss"] = _loss_step(d, w, "grpo", impl="torch", vocab_parallel_group=group, vocab_size=V_REAL,
                                        **trunc)
     bits, real = _whole_segments(world)
-    out["bitwise"] = _bitwise_steps(bits, real, bits["weight"][128 * rank:128 * (rank + 1)],
-                                    bits["bias"][128 * rank:128 * (rank + 1)], vocab_parallel_group=group,
+    out["bitwise"] = _bitwise_steps(bits, real, bits["weight"][256 * rank:256 * (rank + 1)],
+                                    bits["bias"][256 * rank:256 * (rank + 1)], vocab_parallel_group=group,
                                     vocab_size=real)
     if world == 2:  # ColwiseParallel's weight: a Shard(0) DTensor picks its mesh group by itself
         from torch.distributed.device_mesh import init_device_mesh
@@ -293,12 +293,13 @@ def test_deterministic_merge_is_bitwise_equal_on_every_rank(ranks):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_deterministic_shards_of_whole_segments_equal_one_process_bitwise(ranks, impl):
     """Whole 128-column segments per rank (the last shard padded past vocab_size): the gathered per-segment states,
-    folded in global order, give one process's log-probs and entropy bit for bit; on the torch plan each segment's
-    weight and bias gradient comes from its own product too, so those are one process's as well (the loss: its
-    value; d_hidden sums the ranks' parts, so it is one process's only to rounding)."""
+    folded in global order, give one process's log-probs and entropy bit for bit. On the torch plan each segment's
+    weight and bias gradient comes from its own product, and d_hidden is one fold over the segments handed from
+    rank to rank, so every gradient and the fused loss are one process's as well; the Triton plan sums the ranks'
+    d_hidden parts (one process's only to rounding)."""
     d, real = _whole_segments(len(ranks))
     one = _bitwise_steps(d, real, d["weight"][:real], d["bias"][:real])
-    names = ("logp", "entropy") + (("d_weight", "d_bias") if impl == "torch" else ())
+    names = ("logp", "entropy") + (("d_weight", "d_bias", "d_hidden") if impl == "torch" else ())
     for name in names:
         for r, res in enumerate(ranks):
             got = res["bitwise"][impl][name]
@@ -308,7 +309,8 @@ def test_deterministic_shards_of_whole_segments_equal_one_process_bitwise(ranks,
         torch.testing.assert_close(res["bitwise"][impl]["d_hidden"], one[impl]["d_hidden"], rtol=1e-5, atol=1e-6)
     if impl == "torch":
         for res in ranks:
-            assert torch.equal(res["bitwise"]["loss"]["loss"], one["loss"]["loss"])
+            for name in ("loss", "d_hidden"):
+                assert torch.equal(res["bitwise"]["loss"][name], one["loss"][name]), name
             assert torch.equal(torch.cat([x["bitwise"]["loss"]["d_weight"] for x in ranks])[:real],
                                one["loss"]["d_weight"])
 

@@ -124,9 +124,12 @@ def backward(
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
     tau: Optional[torch.Tensor] = None,
+    hidden_init: Optional[torch.Tensor] = None,
 ):
     """Gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed. ``tau`` ``[N]``:
-    the forward's truncation thresholds (the kept set is ``z >= tau``; None: no truncation).
+    the forward's truncation thresholds (the kept set is ``z >= tau``; None: no truncation). Deterministic mode:
+    d_hidden is a fold over the vocabulary segments in order, continued from ``hidden_init`` (``[N, H]`` at the
+    working precision, the fold of the shards before this one) and then returned at that precision.
 
     c = dL/dlogp and d = dL/dentropy (or None), each ``[N]``. d_weight and d_bias accumulate in fp32 across chunks.
     """
@@ -136,7 +139,11 @@ def backward(
     need_h, need_w, need_b = needs
     # deterministic: each segment's logits and weight gradient from its own product, as in the forward
     head = fixed_rows.SegmentedHead(w, b, fixed_rows.vocab_segment(hidden.device)) if opts.deterministic else None
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    if need_h and head is not None:  # the segment fold runs at the working precision, rounded once at the end
+        dh = (torch.zeros(hidden.shape, dtype=work, device=hidden.device) if hidden_init is None
+              else hidden_init.to(work, copy=True))  # a fresh buffer: the op may not write to or return its input
+    else:
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
     dw = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_w else None
     db = torch.zeros(vocab, dtype=work, device=weight.device) if need_b else None
     partial_segment = head is not None and vocab % head.seg > 0
@@ -157,7 +164,9 @@ def backward(
         # padding rows: log_s = -inf marks them dead (no probability, no gradient)
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
                           take(d, lo, hi), t)
-        if need_h:
+        if need_h and head is not None:
+            dh[lo:hi] = head.hidden_grad_(take(dh, lo, hi), g)[:hi - lo]
+        elif need_h:
             dh[lo:hi] = torch.mm(g[:, :vocab], w)[:hi - lo]
         if need_w and head is not None:
             head.weight_grad_(dw, g, h, tail)
@@ -170,6 +179,8 @@ def backward(
     for full, part in ((dw, tail), (db, tail_b)):
         if part is not None:
             full[vocab - vocab % head.seg:] = part[:vocab % head.seg].view(-1, *full.shape[1:])
+    if dh is not None and hidden_init is None:
+        dh = dh.to(hidden.dtype)
     return (
         dh,
         None if dw is None else dw.to(weight.dtype),

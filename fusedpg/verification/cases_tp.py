@@ -55,8 +55,8 @@ def _sharded(**fixed):
 
 
 def _bitwise(dtype: torch.dtype) -> List[Comparison]:
-    """Deterministic mode, two whole 128-column segments per rank: logp, entropy and this rank's d_weight rows
-    against one process, ``torch.equal`` (every rank's verdict combined)."""
+    """Deterministic mode, two whole 128-column segments per rank: logp, entropy, this rank's d_weight rows and
+    d_hidden against one process, ``torch.equal`` (every rank's verdict combined)."""
     from .. import linear_logprob_entropy
 
     g = torch.Generator().manual_seed(11)
@@ -66,17 +66,16 @@ def _bitwise(dtype: torch.dtype) -> List[Comparison]:
     temps = torch.rand(40, generator=g) + 0.5
 
     def run(w, **kw):
-        w = w.detach().clone().requires_grad_()
-        logp, ent = linear_logprob_entropy(hidden, w, targets, temperature=temps, deterministic=True, impl="torch",
-                                           **kw)
+        w, h = w.detach().clone().requires_grad_(), hidden.clone().requires_grad_()
+        logp, ent = linear_logprob_entropy(h, w, targets, temperature=temps, deterministic=True, impl="torch", **kw)
         (logp.sum() + 0.1 * ent.sum()).backward()
-        return logp.detach(), ent.detach(), w.grad
+        return logp.detach(), ent.detach(), w.grad, h.grad
 
     lo, hi = _shard_bounds(weight.shape[0])
     one = run(weight)
     tp = run(weight[lo:hi], vocab_parallel_group=dist.group.WORLD)
     out = []
-    for name, a, b in zip(("logp", "entropy", "d_weight"), tp, (one[0], one[1], one[2][lo:hi])):
+    for name, a, b in zip(("logp", "entropy", "d_weight", "d_hidden"), tp, (one[0], one[1], one[2][lo:hi], one[3])):
         equal = torch.tensor(int(torch.equal(a, b)))
         dist.all_reduce(equal, op=dist.ReduceOp.MIN)
         err = (a.double() - b.double()).abs().max().item()

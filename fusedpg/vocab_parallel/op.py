@@ -124,19 +124,32 @@ def vocab_parallel_backward_op(
     """The shard's (d_hidden, d_weight, d_bias) from the merged statistics; d_hidden summed over the group when
     ``reduce_hidden_grad`` (each rank holds the part of ``g @ W`` from its own columns). Truncated: ``grad_logp``
     is already 0 on rows whose target fell outside the kept set (on every rank, not only the target's)."""
+    pg = group_of(group)
+    # deterministic torch plan: d_hidden is one fold over the vocabulary segments in order, handed from rank to rank
+    chain = deterministic and need_hidden and reduce_hidden_grad and (impl != "triton" or tau is not None)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    init = torch.zeros(hidden.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device) if chain else None
+    if chain and rank > 0:
+        dist.recv(init, src=dist.get_global_rank(pg, rank - 1), group=pg)
     dh, dw, db = linear_logprob_entropy_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy, IGNORE,
         compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, top_k, top_p, min_p,
-        False, tau)
-    if need_hidden and reduce_hidden_grad:
+        False, tau, init)
+    if chain:  # the last rank's fold is one process's d_hidden: everyone takes it
+        dh = dh.contiguous()
+        if rank < world - 1:
+            dist.send(dh, dst=dist.get_global_rank(pg, rank + 1), group=pg)
+        dist.broadcast(dh, src=dist.get_global_rank(pg, world - 1), group=pg)
+        dh = dh.to(hidden.dtype)
+    elif need_hidden and reduce_hidden_grad:
         total = dh.to(compute_dtype(dh.dtype))  # summed at fp32, rounded once
-        if deterministic:  # the ranks' parts added in rank order: the same bits on every rank, run to run
-            parts = _gathered(total, group_of(group))
+        if deterministic:  # the Triton plan: the ranks' parts added in rank order, the same bits on every rank
+            parts = _gathered(total, pg)
             total = parts[0]
             for part in parts[1:]:
                 total = total + part
         else:
-            dist.all_reduce(total, group=group_of(group))
+            dist.all_reduce(total, group=pg)
         dh = total.to(dh.dtype)
     return [dh, dw, db]
 
