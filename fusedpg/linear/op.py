@@ -122,11 +122,20 @@ def linear_logprob_entropy_backward_op(
     temp_value: float, m: torch.Tensor, log_s: torch.Tensor, entropy: torch.Tensor, ignore_index: int,
     compute_entropy: bool, impl: str, chunk_bytes: int, deterministic: bool, need_hidden: bool, need_weight: bool,
     need_bias: bool, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
-    low_memory: bool = False, tau: Optional[torch.Tensor] = None, hidden_init: Optional[torch.Tensor] = None,
+    low_memory: bool = False, tau: Optional[torch.Tensor] = None,
 ) -> List[torch.Tensor]:
-    """(d_hidden, d_weight, d_bias) in the inputs' dtypes; a gradient that is not needed is an empty tensor.
-    ``hidden_init`` (deterministic torch plan): the d_hidden fold of the vocabulary shards before this one, ``[N, H]``
-    at the working precision; d_hidden is then returned at that precision, the fold continued over this head."""
+    """(d_hidden, d_weight, d_bias) in the inputs' dtypes; a gradient that is not needed is an empty tensor."""
+    return backward_grads(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s,
+                          entropy, ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden,
+                          need_weight, need_bias, top_k, top_p, min_p, low_memory, tau)
+
+
+def backward_grads(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
+                   ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias,
+                   top_k, top_p, min_p, low_memory=False, tau=None, fold=None) -> List[torch.Tensor]:
+    """The backward op's body. ``fold`` (deterministic torch plan; ``fusedpg/vocab_parallel``): the hooks that hand
+    d_hidden's segment fold between vocabulary shards block by block; d_hidden then comes back at the working
+    precision."""
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     rows = Rows(targets, ignore_index)
     d = grad_entropy if compute_entropy else None
@@ -143,38 +152,32 @@ def linear_logprob_entropy_backward_op(
         rest = (weight, bias, rows.take(y), Temperature.of(temp_rows, temp_value).take(rows.idx),
                 rows.take(m), rows.take(log_s), rows.take(entropy), rows.take(c), None if d is None else rows.take(d),
                 opts, needs)
+        extra = {} if fold is None else {"fold": fold}
         if low_memory:  # blocked over the vocabulary, hidden gathered per tile, d_hidden written at full size
             grads = plan_low.backward_vocab_blocked(hidden, *rest, idx=rows.idx)
             scatter_h = False
         elif truncated:  # the thresholds' mask inside the Triton gradient kernel, or the torch plan's recompute
             plan = _plan(impl) if impl == "triton" and not deterministic else plan_torch
-            grads = plan.backward(rows.take(hidden), *rest, tau=rows.take(tau), **_init(hidden_init, rows))
+            grads = plan.backward(rows.take(hidden), *rest, tau=rows.take(tau), **extra)
         else:
-            grads = _plan(impl).backward(rows.take(hidden), *rest, **_init(hidden_init, rows))
+            grads = _plan(impl).backward(rows.take(hidden), *rest, **extra)
     out = []
     for g, x, need, per_row in zip(grads, (hidden, weight, bias), needs, (scatter_h, False, False)):
         if not need:
             out.append(hidden.new_empty(0))
-        elif g is None:  # nothing to add: a continued fold is its start
-            out.append(hidden_init.clone() if x is hidden and hidden_init is not None else torch.zeros_like(x))
+        elif g is None:
+            out.append(torch.zeros_like(x, dtype=compute_dtype(x.dtype) if fold is not None and x is hidden else None))
         else:
             g = rows.scatter(g) if per_row else g
-            out.append(g if x is hidden and hidden_init is not None else g.to(x.dtype))
+            out.append(g if fold is not None and x is hidden else g.to(x.dtype))
     return out
 
 
 @linear_logprob_entropy_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy,
       ignore_index, compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, top_k,
-      top_p, min_p, low_memory=False, tau=None, hidden_init=None):
-    grads = grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
-    if hidden_init is not None and need_hidden:
-        grads[0] = torch.empty_like(hidden_init)
-    return grads
-
-
-def _init(hidden_init: Optional[torch.Tensor], rows: Rows) -> dict:
-    return {} if hidden_init is None else {"hidden_init": rows.take(hidden_init)}
+      top_p, min_p, low_memory=False, tau=None):
+    return grads_like(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):

@@ -124,12 +124,13 @@ def backward(
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
     tau: Optional[torch.Tensor] = None,
-    hidden_init: Optional[torch.Tensor] = None,
+    fold=None,
 ):
     """Gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed. ``tau`` ``[N]``:
     the forward's truncation thresholds (the kept set is ``z >= tau``; None: no truncation). Deterministic mode:
-    d_hidden is a fold over the vocabulary segments in order, continued from ``hidden_init`` (``[N, H]`` at the
-    working precision, the fold of the shards before this one) and then returned at that precision.
+    d_hidden is a fold over the vocabulary segments in order; ``fold`` (a vocabulary shard's) has ``start(lo, hi,
+    rows, n)`` give each block's running fold from the shards before this one and ``done(lo, hi, acc, n)`` hand it
+    on, and d_hidden is then returned at the working precision.
 
     c = dL/dlogp and d = dL/dentropy (or None), each ``[N]``. d_weight and d_bias accumulate in fp32 across chunks.
     """
@@ -140,8 +141,7 @@ def backward(
     # deterministic: each segment's logits and weight gradient from its own product, as in the forward
     head = fixed_rows.SegmentedHead(w, b, fixed_rows.vocab_segment(hidden.device)) if opts.deterministic else None
     if need_h and head is not None:  # the segment fold runs at the working precision, rounded once at the end
-        dh = (torch.zeros(hidden.shape, dtype=work, device=hidden.device) if hidden_init is None
-              else hidden_init.to(work, copy=True))  # a fresh buffer: the op may not write to or return its input
+        dh = torch.empty(hidden.shape, dtype=work, device=hidden.device)
     else:
         dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
     dw = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_w else None
@@ -165,7 +165,10 @@ def backward(
         g = softmax_grad_(z, y, take(m, lo, hi), take(log_s, lo, hi, float("-inf")), take(entropy, lo, hi), c_chunk,
                           take(d, lo, hi), t)
         if need_h and head is not None:
-            dh[lo:hi] = head.hidden_grad_(take(dh, lo, hi), g)[:hi - lo]
+            acc = g.new_zeros(g.shape[0], w.shape[1]) if fold is None else fold.start(lo, hi, g.shape[0], n)
+            dh[lo:hi] = head.hidden_grad_(acc, g)[:hi - lo]
+            if fold is not None:
+                fold.done(lo, hi, dh[lo:hi], n)
         elif need_h:
             dh[lo:hi] = torch.mm(g[:, :vocab], w)[:hi - lo]
         if need_w and head is not None:
@@ -179,7 +182,7 @@ def backward(
     for full, part in ((dw, tail), (db, tail_b)):
         if part is not None:
             full[vocab - vocab % head.seg:] = part[:vocab % head.seg].view(-1, *full.shape[1:])
-    if dh is not None and hidden_init is None:
+    if dh is not None and fold is None:
         dh = dh.to(hidden.dtype)
     return (
         dh,

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checks
-from ..linear.op import _plan, chunk_logits, grads_like, linear_logprob_entropy_backward_op, stats_like
+from ..linear.op import _plan, backward_grads, chunk_logits, grads_like, stats_like
 from ..linear import plan_torch
 from ..options import DEFAULT_CHUNK_BYTES, LogProbOptions
 from ..rows import Rows
@@ -112,6 +112,48 @@ def _(hidden, weight, bias, targets, *args):
 
 
 
+class _RankFold:
+    """The deterministic d_hidden fold handed along the ranks ``CHUNK`` rows at a time: a chunk's running sum comes
+    from the previous rank (``start``), this rank adds its segments' products block by block, and the finished chunk
+    goes on to the next rank (``done``, without waiting), so rank r works a chunk behind rank r - 1 instead of
+    after it."""
+
+    CHUNK = 128  # rows per message: a multiple of every device's fixed row block
+
+    def __init__(self, group, width: int, dtype: torch.dtype, device: torch.device):
+        self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
+        self.new = (lambda rows: torch.empty(rows, width, dtype=dtype, device=device))  # noqa: E731
+        self.got = self.out = None
+        self.sends = []
+
+    def start(self, lo: int, hi: int, rows: int, n: int) -> torch.Tensor:
+        """Rows ``[lo, hi)`` of the fold so far, in a fresh zero-padded ``[rows, H]`` block."""
+        acc = self.new(rows).zero_()
+        if self.rank > 0:
+            if lo % self.CHUNK == 0:
+                self.got = self.new(min(n, lo + self.CHUNK) - lo)
+                dist.recv(self.got, src=dist.get_global_rank(self.group, self.rank - 1), group=self.group)
+            at = lo % self.CHUNK
+            acc[:hi - lo] = self.got[at:at + hi - lo]
+        return acc
+
+    def done(self, lo: int, hi: int, block: torch.Tensor, n: int) -> None:
+        if self.rank == self.world - 1:
+            return
+        if lo % self.CHUNK == 0:
+            self.out = self.new(min(n, lo + self.CHUNK) - lo)
+        at = lo % self.CHUNK
+        self.out[at:at + hi - lo] = block
+        if at + hi - lo == self.out.shape[0]:
+            dst = dist.get_global_rank(self.group, self.rank + 1)
+            self.sends.append((dist.isend(self.out, dst=dst, group=self.group), self.out))
+
+    def finish(self) -> None:
+        for work, _ in self.sends:
+            work.wait()
+        self.sends = []
+
+
 @torch.library.custom_op("fusedpg::vocab_parallel_linear_logprob_entropy_backward", mutates_args=())
 def vocab_parallel_backward_op(
     grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
@@ -125,21 +167,17 @@ def vocab_parallel_backward_op(
     ``reduce_hidden_grad`` (each rank holds the part of ``g @ W`` from its own columns). Truncated: ``grad_logp``
     is already 0 on rows whose target fell outside the kept set (on every rank, not only the target's)."""
     pg = group_of(group)
-    # deterministic torch plan: d_hidden is one fold over the vocabulary segments in order, handed from rank to rank
+    # deterministic torch plan: d_hidden is one fold over the vocabulary segments in order, passed rank to rank
     chain = deterministic and need_hidden and reduce_hidden_grad and (impl != "triton" or tau is not None)
-    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    init = torch.zeros(hidden.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device) if chain else None
-    if chain and rank > 0:
-        dist.recv(init, src=dist.get_global_rank(pg, rank - 1), group=pg)
-    dh, dw, db = linear_logprob_entropy_backward_op(
+    fold = _RankFold(pg, hidden.shape[1], compute_dtype(hidden.dtype), hidden.device) if chain else None
+    dh, dw, db = backward_grads(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy, IGNORE,
         compute_entropy, impl, chunk_bytes, deterministic, need_hidden, need_weight, need_bias, top_k, top_p, min_p,
-        False, tau, init)
+        False, tau, fold)
     if chain:  # the last rank's fold is one process's d_hidden: everyone takes it
+        fold.finish()
         dh = dh.contiguous()
-        if rank < world - 1:
-            dist.send(dh, dst=dist.get_global_rank(pg, rank + 1), group=pg)
-        dist.broadcast(dh, src=dist.get_global_rank(pg, world - 1), group=pg)
+        dist.broadcast(dh, src=dist.get_global_rank(pg, fold.world - 1), group=pg)
         dh = dh.to(hidden.dtype)
     elif need_hidden and reduce_hidden_grad:
         total = dh.to(compute_dtype(dh.dtype))  # summed at fp32, rounded once
