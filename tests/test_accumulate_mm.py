@@ -13,15 +13,16 @@ from fusedpg.gemm import accumulate_mm_, triton_accumulate_mm_
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(37, 21, 13), (16, 16, 1), (5, 40, 9), (1, 3, 17)]  # (M, H, R)
 U32 = 2.0 ** -24  # unit roundoff of fp32
+KERNEL = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel runs (the interpreter on CPU)
 
 
-def _case(m, h, r, dtype, seed=0, transposed=False):
+def _case(m, h, r, dtype, seed=0, transposed=False, device=KERNEL):
     g = torch.Generator().manual_seed(seed)
-    acc = torch.randn(m, h, generator=g)
-    a = torch.randn(r, m, generator=g).to(dtype)
+    acc = torch.randn(m, h, generator=g).to(device)
+    a = torch.randn(r, m, generator=g).to(dtype).to(device)
     if transposed:  # a [R, M] as the transposed view of an [M, R] buffer (strides (1, R))
         a = a.T.contiguous().T
-    b = torch.randn(r, h, generator=g).to(dtype)
+    b = torch.randn(r, h, generator=g).to(dtype).to(device)
     return acc, a, b
 
 
@@ -49,11 +50,11 @@ def test_kernel_matches_float64(m, h, r, dtype):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_kernel_accumulates_over_calls(dtype):
     """Chunks of rows added call after call: the sum of all of them, at fp32 accuracy over all rows."""
-    acc = torch.zeros(19, 23)
+    acc = torch.zeros(19, 23, device=KERNEL)
     parts = [_case(19, 23, r, dtype, seed=r)[1:] for r in (7, 1, 12)]
     for a, b in parts:
         triton_accumulate_mm_(acc, a, b)
-    _assert_fp32_accurate(acc, torch.zeros(19, 23), parts)
+    _assert_fp32_accurate(acc, torch.zeros(19, 23, device=KERNEL), parts)
 
 
 def test_kernel_is_run_to_run_deterministic():
@@ -64,7 +65,7 @@ def test_kernel_is_run_to_run_deterministic():
 
 def test_kernel_beats_rounded_chunk_partials():
     """The failure mode it replaces: ``acc.add_(torch.mm(a.T, b))`` rounds every chunk's partial to bf16."""
-    acc, old = torch.zeros(16, 16), torch.zeros(16, 16)
+    acc, old = torch.zeros(16, 16, device=KERNEL), torch.zeros(16, 16, device=KERNEL)
     parts = [_case(16, 16, 8, torch.bfloat16, seed=s)[1:] for s in range(4)]
     exact = sum(a.double().T @ b.double() for a, b in parts)
     for a, b in parts:
@@ -77,7 +78,7 @@ def test_kernel_beats_rounded_chunk_partials():
 def test_cpu_branches_match_float64(dtype):
     """The torch branches (acc's own dtype: addmm_; half precision on CPU: upcast chunk, then addmm_)."""
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    acc, a, b = _case(37, 21, 13, dtype, transposed=True)
+    acc, a, b = _case(37, 21, 13, dtype, transposed=True, device="cpu")
     acc = acc.to(acc_dtype)
     acc0 = acc.clone()
     assert accumulate_mm_(acc, a, b) is acc
@@ -89,7 +90,7 @@ def test_no_mh_temporary(dtype, monkeypatch):
     """No allocation as large as ``[M, H]`` in the inputs' dtype: the profiler sees every CPU allocation of the
     torch branches, and the kernel path makes no GEMM call through torch at all."""
     m, h, r = 300, 200, 7  # the chunk-sized upcasts, R x (M or H) fp32, stay below M x H x 2 bytes
-    acc, a, b = _case(m, h, r, dtype)
+    acc, a, b = _case(m, h, r, dtype, device="cpu")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         accumulate_mm_(acc, a, b)
     largest = max([e.cpu_memory_usage for e in prof.events()] + [0])

@@ -38,22 +38,30 @@ def _weight(dtype=torch.float32):
     return (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype), torch.randn(V, generator=g).to(dtype)
 
 
+def _on(impl):
+    """Where the inputs live: the Triton plan runs on CUDA when there is one (else the interpreter, on CPU)."""
+    return (lambda x: x.to("cuda")) if impl == "triton" and torch.cuda.is_available() else (lambda x: x)
+
+
 def _linear(hidden, temps, targets, up, impl, chunk_bytes, **kw):
-    w, b = _weight(hidden.dtype)
-    h, w, b = hidden.clone().requires_grad_(), w.requires_grad_(), b.requires_grad_()
-    logp, ent = fusedpg.linear_logprob_entropy(h, w, targets, bias=b, temperature=temps, impl=impl,
+    on = _on(impl)
+    w, b = (on(x) for x in _weight(hidden.dtype))
+    h, w, b = on(hidden.clone()).requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    logp, ent = fusedpg.linear_logprob_entropy(h, w, on(targets), bias=b, temperature=on(temps), impl=impl,
                                                chunk_bytes=chunk_bytes, **kw)
-    (logp * up[0] + ent * up[1]).sum().backward()
-    return logp.detach(), ent.detach(), h.grad, w.grad, b.grad
+    (logp * on(up[0]) + ent * on(up[1])).sum().backward()
+    return tuple(x.cpu() for x in (logp.detach(), ent.detach(), h.grad, w.grad, b.grad))
 
 
 def _logits(hidden, temps, targets, up, impl, chunk_bytes, **kw):
+    on = _on(impl)
     w, b = _weight(hidden.dtype)
     # one GEMV per row: the probe row's logits must not depend on the batch they are built in
-    z = torch.stack([torch.addmv(b, w, x) for x in hidden]).detach().requires_grad_()
-    logp, ent = fusedpg.logprob_entropy(z, targets, temperature=temps, impl=impl, chunk_bytes=chunk_bytes, **kw)
-    (logp * up[0] + ent * up[1]).sum().backward()
-    return logp.detach(), ent.detach(), z.grad
+    z = on(torch.stack([torch.addmv(b, w, x) for x in hidden])).detach().requires_grad_()
+    logp, ent = fusedpg.logprob_entropy(z, on(targets), temperature=on(temps), impl=impl, chunk_bytes=chunk_bytes,
+                                        **kw)
+    (logp * on(up[0]) + ent * on(up[1])).sum().backward()
+    return tuple(x.cpu() for x in (logp.detach(), ent.detach(), z.grad))
 
 
 OPS = {"linear": _linear, "logits": _logits}
@@ -101,17 +109,18 @@ def test_deterministic_results_are_correct(backend):
 
 def test_fused_loss_rows_and_reruns(backend):
     def run(n, pos, seed):
+        on = _on(backend.impl)
         hidden, temps, targets, _ = _batch(n, pos, seed)
         w, _ = _weight()
         mask = (targets != -100).float()
-        h, w = hidden.clone().requires_grad_(), w.requires_grad_()
+        h, w = on(hidden.clone()).requires_grad_(), on(w).requires_grad_()
         g = torch.Generator().manual_seed(seed)
         loss, metrics = fusedpg.fused_linear_pg_loss(
-            h[None], w, targets.clamp(min=0)[None], torch.randn(1, generator=g), mask[None],
-            old_logp=torch.full((1, n), -5.0), loss_type="grpo", temperature=temps[None], impl=backend.impl,
+            h[None], w, on(targets.clamp(min=0))[None], on(torch.randn(1, generator=g)), on(mask)[None],
+            old_logp=on(torch.full((1, n), -5.0)), loss_type="grpo", temperature=on(temps)[None], impl=backend.impl,
             return_token_stats=True, deterministic=True)
         loss.backward()
-        return loss.detach(), h.grad, w.grad, metrics["logp"][0], metrics["entropy"][0]
+        return tuple(x.cpu() for x in (loss.detach(), h.grad, w.grad, metrics["logp"][0], metrics["entropy"][0]))
 
     first, again = run(23, 5, 9), run(23, 5, 9)
     assert all(torch.equal(a, b) for a, b in zip(first, again))

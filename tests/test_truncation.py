@@ -293,10 +293,12 @@ def test_triton_digit_select_picks_the_torch_radix_thresholds():
     k = torch.randint(1, 300, (12,), generator=g)
     k[5] = 50
     m = z.amax(1, keepdim=True)
-    assert torch.equal(_kernel_select(z, m, k.double(), False), _radix_select(_keys(z), None, k))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel's device (the interpreter on CPU)
+    zd, md = z.to(dev), m.to(dev)
+    assert torch.equal(_kernel_select(zd, md, k.double().to(dev), False).cpu(), _radix_select(_keys(z), None, k))
     w = torch.exp(z - m)
     p = torch.rand(12, generator=g).double()
-    ours = _kernel_select(z, m, lambda total: p * total, True)
+    ours = _kernel_select(zd, md, lambda total: p.to(dev) * total, True).cpu()
     torch_keys = _radix_select(_keys(z), w, p * w.double().sum(1))
     assert torch.equal(ours, torch_keys)
 
