@@ -115,7 +115,8 @@ LEGEND = (  # printed under the table and in --help
     "(for scale; inf: eager exact, ours not). A row passes when every element has\n"
     "|ours - float64| <= 2 * |eager - float64| + slack * max(1, max |float64|),\n"
     f"slack {_SLACKS}: a ratio above 2 can pass where eager is almost exact.\n"
-    "Rows '== 1 process' pass only when torch.equal holds (max abs err is then 0).")
+    "Rows '== 1 process' pass only when torch.equal holds (max abs err is then 0). The vocab_parallel rows\n"
+    "(group tp) run 2 gloo ranks on the CPU with the torch plan, whatever --device.")
 
 
 def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
