@@ -28,7 +28,7 @@ def softmax_stats(
     ``fusedpg/vocab_parallel``) gives a meaningless logp and the rest as usual.
     """
     multi = targets.dim() == 2
-    zy = z.gather(1, _columns(targets))
+    zy = z.gather(1, target_columns(targets))
     m = z.amax(1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z.sub_(m.unsqueeze(1)).clamp_(min=SHIFT_FLOOR)
@@ -81,10 +81,10 @@ def softmax_grad_(
         # -(c + d (log p + H)) = (-d) log p - (c + d H): two passes over the chunk, then one product with p
         g = p.mul_(z.mul_(-d.unsqueeze(1)).sub_((c + d * entropy).unsqueeze(1)))
     here = (targets if targets.dim() == 2 else targets.unsqueeze(1)) >= 0
-    return g.scatter_add_(1, _columns(targets), per_target.masked_fill(~here, 0.0))
+    return g.scatter_add_(1, target_columns(targets), per_target.masked_fill(~here, 0.0))
 
 
-def _columns(targets: torch.Tensor) -> torch.Tensor:
+def target_columns(targets: torch.Tensor) -> torch.Tensor:
     """``[R, K]`` gather / scatter indices of the targets (a negative one, in another shard, reads column 0)."""
     idx = targets.clamp(min=0)
     return idx if idx.dim() == 2 else idx.unsqueeze(1)

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .softmax_math import target_columns
+
 #: The log-prob returned for a target outside the kept set (sampler and trainer disagree): finite, never NaN.
 OUTSIDE_LOGP = -1.0e4
 
@@ -256,8 +258,7 @@ def saved_thresholds(trunc: Truncation, tau: Optional[torch.Tensor]) -> bool:
 def truncated_coefficient(z: torch.Tensor, targets: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``c = dL/dlogp`` with rows whose target lies outside the kept set zeroed: their log-prob is the constant
     ``OUTSIDE_LOGP``, so it sends no gradient (the entropy's still flows)."""
-    idx = targets.clamp(min=0)
-    idx = idx if idx.dim() == 2 else idx.unsqueeze(1)
+    wide = targets if targets.dim() == 2 else targets.unsqueeze(1)
     # a negative target lies in another vocabulary shard: the caller zeroes its c (fusedpg/vocab_parallel)
-    outside = torch.isneginf(z.gather(1, idx)) & (idx == (targets if targets.dim() == 2 else targets.unsqueeze(1)))
+    outside = torch.isneginf(z.gather(1, target_columns(targets))) & (wide >= 0)
     return c.masked_fill(outside if c.dim() == 2 else outside.squeeze(1), 0.0)

@@ -46,7 +46,7 @@ def forward_partials(hidden, weight, bias, targets, temp: Temperature, opts: Log
     row_blocks = triton.cdiv(n, cfg.BT)
     v_blocks = triton.cdiv(vocab, cfg.BV)
     if opts.deterministic:  # fixed vocabulary segments, whatever N and the device: a fixed merge order
-        v_per_split = triton.cdiv(fixed_rows.vocab_segment(hidden.device), cfg.BV) * cfg.BV
+        v_per_split = segment_columns(hidden.dtype, hidden.device)
     else:  # split the vocabulary across programs only as far as needed to fill the device
         splits = min(v_blocks, max(1, triton.cdiv(programs_wanted(hidden.device), row_blocks)))
         v_per_split = triton.cdiv(v_blocks, splits) * cfg.BV
@@ -64,6 +64,12 @@ def forward_partials(hidden, weight, bias, targets, temp: Temperature, opts: Log
         BT=cfg.BT, BV=cfg.BV, BK=cfg.BK, KP=kp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return states.permute(2, 0, 1), zy.view(targets.shape)
+
+
+def segment_columns(dtype: torch.dtype, device: torch.device) -> int:
+    """Columns of a deterministic split: the fixed segment rounded up to whole vocabulary tiles."""
+    bv = tile_config(dtype).BV
+    return triton.cdiv(fixed_rows.vocab_segment(device), bv) * bv
 
 
 def merge_partials(parts: torch.Tensor, zy: torch.Tensor, compute_entropy: bool):

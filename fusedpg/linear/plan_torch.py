@@ -12,7 +12,8 @@ import torch
 
 from .. import fixed_rows
 from ..options import LogProbOptions
-from ..softmax_math import compute_dtype, merge_segments, rows_per_chunk, segment_stats, softmax_grad_, softmax_stats
+from ..softmax_math import (compute_dtype, merge_segments, rows_per_chunk, segment_stats, softmax_grad_, softmax_stats,
+                            target_columns)
 from ..temperature import Temperature
 from ..truncation import Truncation, apply_, truncate_, truncated_coefficient
 
@@ -86,13 +87,16 @@ def forward_partials(hidden, weight, bias, targets, temp: Temperature, opts: Log
         if trunc.active:
             tau_out[lo:hi] = truncate_(z[:, :head.vocab], take(trunc, lo, hi))[:hi - lo]
         y = take(targets, lo, hi, -1)
-        cols = y.clamp(min=0)
-        picked = z.gather(1, cols if cols.dim() == 2 else cols.unsqueeze(1))
-        picked = picked.masked_fill((y if y.dim() == 2 else y.unsqueeze(1)) < 0, 0.0)
+        picked = z.gather(1, target_columns(y)).masked_fill((y if y.dim() == 2 else y.unsqueeze(1)) < 0, 0.0)
         zy[lo:hi] = (picked if y.dim() == 2 else picked.squeeze(1))[:hi - lo]
         parts[lo:hi] = torch.stack(segment_stats(z.view(-1, head.count, head.seg), opts.compute_entropy),
                                    1)[:hi - lo]
     return parts, zy
+
+
+def segment_columns(dtype: torch.dtype, device: torch.device) -> int:
+    """Columns of one of ``forward_partials``' segments."""
+    return fixed_rows.vocab_segment(device)
 
 
 def merge_partials(parts: torch.Tensor, zy: torch.Tensor, compute_entropy: bool):

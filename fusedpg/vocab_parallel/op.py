@@ -41,11 +41,10 @@ def _gathered(x: torch.Tensor, group) -> list:
     return out
 
 
-def _gather_merge(plan, parts, zy, targets, compute_entropy: bool, group):
+def _gather_merge(plan, parts, zy, targets, compute_entropy: bool, group, counts):
     """Deterministic mode: every rank's per-segment softmax states are all-gathered and folded in global segment
     order by the plan's own merge, so with whole-segment shards the merged statistics are the one-process ones,
-    bitwise (README.md#deterministic-mode)."""
-    counts = [int(c) for c in _gathered(torch.tensor([parts.shape[2]], device=parts.device), group)]
+    bitwise (README.md#deterministic-mode). ``counts``: every rank's number of segments."""
     padded = torch.cat([parts, parts.new_zeros(parts.shape[0], 3, max(counts) - parts.shape[2])], 2)  # equal sizes
     parts = torch.cat([p[:, :, :c] for p, c in zip(_gathered(padded, group), counts)], 2)
     owned = _gathered(torch.stack([zy, (targets >= 0).to(zy.dtype)]), group)
@@ -94,7 +93,9 @@ def vocab_parallel_op(
         extra += (logits,)
     args = (rows.take(hidden), weight, bias, y, temp.take(rows.idx), opts) + extra
     if deterministic:
-        stats = _gather_merge(plan, *plan.forward_partials(*args), y, compute_entropy, pg)
+        width = plan.segment_columns(hidden.dtype, hidden.device)  # the same on every rank: counts need no collective
+        stats = _gather_merge(plan, *plan.forward_partials(*args), y, compute_entropy, pg,
+                              [-(-size // width) for size in sizes])
     else:
         stats = _merge(*plan.forward(*args)[:4], y, compute_entropy, pg)
     logp, entropy, top, log_s = (rows.scatter(x.to(work)) for x in stats)
