@@ -147,7 +147,7 @@ CASE = register_case(Case(
     flops=flops,
     impls=(
         Impl("ours", _ours, role="ours"),
-        Impl("ours-low", _ours_low, note='memory="low": vocabulary-blocked backward', opt_in=("cpu",)),
+        Impl("ours-low", _ours_low, note='memory="low": vocabulary-blocked backward'),
         Impl("ours-det", _ours_det, note="deterministic=True: batch-invariant rows", applies=small_on_cpu),
         Impl("eager", _eager, role="baseline", note="materialised logits, upcast, log_softmax, gather, entropy"),
         Impl("floor", _floor, role="floor", devices=("cuda",), opt_in=("cpu",),

@@ -269,7 +269,7 @@ CASE = register_case(Case(
     },
     impls=(
         Impl("ours", _ours, role="ours"),
-        Impl("ours-low", _ours_low, note='memory="low": vocabulary-blocked backward', opt_in=("cpu",)),
+        Impl("ours-low", _ours_low, note='memory="low": vocabulary-blocked backward'),
         Impl("eager", _eager, role="baseline", note="materialised logits, upcast, log_softmax, pg_loss"),
         Impl("floor", _floor, role="floor", devices=("cuda",), opt_in=("cpu",),
              note="3 GEMMs of the LM head (logits, d_hidden, d_weight); no softmax, no loss"),

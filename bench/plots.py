@@ -139,11 +139,12 @@ def _metric_figure(plt, case: str, rows: Sequence[Dict], shapes, modes, metric: 
 
 
 def _targets(case: str, mode: str, metric: str, rows: Sequence[Dict]):
-    """The stated ratio targets of ``report.TARGETS`` for a shape among these rows."""
+    """The stated ours ÷ eager targets of ``report.TARGETS`` for a shape among these rows (the lines the plot draws
+    are ours against each other impl; targets between other pairs are in the report's target lines)."""
     kind = {"time": "time_ratio", "memory": "mem_ratio"}[metric]
     stamps = {(r.get("device_type"), r["dtype"], r["shape"]) for r in rows}
     return [t for t in TARGETS if t.case == case and t.mode == mode and t.metric == kind
-            and (t.device, t.dtype, t.shape) in stamps]
+            and (t.impl, t.base) == ("ours", "eager") and (t.device, t.dtype, t.shape) in stamps]
 
 
 def _ratio_figure(plt, case: str, rows: Sequence[Dict], shapes, modes, stamp: str):

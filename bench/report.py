@@ -180,7 +180,9 @@ def markdown_table(rows: Sequence[Dict]) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """A stated goal: ``metric`` is "time_ratio"/"mem_ratio" (ours ÷ eager) or "ms" (ours' median)."""
+    """A stated goal for one measured group. ``metric``: "time_ratio" / "mem_ratio" (``impl`` ÷ ``base``), "ms"
+    (``impl``'s median) or "dweight_mem" (``impl``'s peak memory above the inputs ÷ the bytes of ``d_weight`` in the
+    input dtype: the floor, since the gradient itself must exist)."""
 
     device: str
     case: str
@@ -190,21 +192,56 @@ class Target:
     metric: str
     bound: float
     source: str
+    impl: str = "ours"
+    base: str = "eager"
 
 
 _CPU_GOAL = "CPU goal: within 1.2x eager time and a third of its memory"
+_LOW_GOAL = "issue 12: ours-low within 1.5x the bytes of d_weight and 1.4x the default plan's time"
+_FLOOR_GOAL = "issue 12: ours-low within 1.5x the bytes of d_weight, the default plan within 1.2x the 3-GEMM floor"
+_DET_GOAL = "issue 11: determinism costs at most 1.15x on GPU"
+_TRUNC_GOAL = "issue 11: top-k/top-p at most 1.3x the untruncated op on GPU"
+_FWD_BWD = "fwd+bwd"
 TARGETS = (
-    Target("cpu", "linear", "4096x1024x32000", "fp32", "fwd+bwd", "time_ratio", 1.2, _CPU_GOAL),
-    Target("cpu", "linear", "4096x1024x32000", "fp32", "fwd+bwd", "mem_ratio", 1 / 3, _CPU_GOAL),
-    Target("cpu", "pg", "4096x1024x32000:dapo", "fp32", "fwd+bwd", "time_ratio", 1.2, _CPU_GOAL),
-    Target("cpu", "pg", "4096x1024x32000:dapo", "fp32", "fwd+bwd", "mem_ratio", 1 / 3, _CPU_GOAL),
+    *(Target("cpu", case, shape, "fp32", _FWD_BWD, metric, bound, _CPU_GOAL)
+      for case, shape in (("linear", "4096x1024x32000"), ("pg", "4096x1024x32000:dapo"))
+      for metric, bound in (("time_ratio", 1.2), ("mem_ratio", 1 / 3))),
+    *(Target("cpu", case, shape, dtype, _FWD_BWD, metric, bound, _LOW_GOAL, impl="ours-low", base="ours")
+      for case, shape in (("linear", "4096x1024x32000"), ("pg", "4096x1024x32000:dapo"))
+      for dtype in ("fp32", "bf16") for metric, bound in (("dweight_mem", 1.5), ("time_ratio", 1.4))),
     # docs/peers.md#gpu-targets, recompute design, bf16, H100/H200.
-    *(Target("cuda", "linear", s, "bf16", "fwd+bwd", "ms", b, "docs/peers.md#gpu-targets")
+    *(Target("cuda", "linear", s, "bf16", _FWD_BWD, "ms", b, "docs/peers.md#gpu-targets")
       for s, b in (("8192x4096x151936", 60), ("16384x2048x151936", 64), ("8192x4096x128256", 50))),
     *(Target("cuda", "linear", s, "bf16", "fwd", "ms", b, "docs/peers.md#gpu-targets")
       for s, b in (("8192x4096x151936", 16), ("16384x2048x151936", 17), ("8192x4096x128256", 14))),
+    *(t for case, shape in (("linear", "8192x4096x151936"), ("pg", "8192x4096x151936:dapo")) for t in (
+        Target("cuda", case, shape, "bf16", _FWD_BWD, "dweight_mem", 1.5, _FLOOR_GOAL, impl="ours-low"),
+        Target("cuda", case, shape, "bf16", _FWD_BWD, "time_ratio", 1.2, _FLOOR_GOAL, base="floor"))),
+    *(Target("cuda", case, "4096x4096x151936", "bf16", _FWD_BWD, "time_ratio", 1.15, _DET_GOAL, impl="ours-det",
+             base="ours") for case in ("linear", "logits")),
+    Target("cuda", "sampler", "4096x4096x151936", "bf16", _FWD_BWD, "time_ratio", 1.3, _TRUNC_GOAL,
+           base="untruncated"),
 )
-_METRIC_TEXT = {"time_ratio": "time ours/eager", "mem_ratio": "peak memory ours/eager", "ms": "ours median ms"}
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _metric_text(t: Target) -> str:
+    return {"time_ratio": f"time {t.impl}/{t.base}", "mem_ratio": f"peak memory {t.impl}/{t.base}",
+            "ms": f"{t.impl} median ms", "dweight_mem": f"peak memory {t.impl} / bytes of d_weight"}[t.metric]
+
+
+def _target_value(t: Target, group: Dict[str, Dict]) -> Optional[float]:
+    row = group[t.impl]
+    if row["status"] != "ok":
+        return None
+    if t.metric == "ms":
+        return row["median_ms"]
+    if t.metric == "dweight_mem":
+        dweight = row.get("v", 0) * row.get("h", 0) * _ITEMSIZE.get(t.dtype, 0)
+        return ratio(row.get("peak_mem_bytes"), dweight or None)
+    field = "median_ms" if t.metric == "time_ratio" else "peak_mem_bytes"
+    base = group.get(t.base, {})
+    return ratio(row.get(field), base.get(field) if base.get("status") == "ok" else None)
 
 
 def target_lines(rows: Sequence[Dict]) -> List[str]:
@@ -213,18 +250,11 @@ def target_lines(rows: Sequence[Dict]) -> List[str]:
     for t in TARGETS:
         group = {r["impl"]: r for r in rows if r.get("device_type", t.device) == t.device
                  and _key(r) == (t.case, t.shape, t.dtype, t.mode)}
-        if "ours" not in group:
+        if t.impl not in group:
             continue
-        ours, eager = group["ours"], group.get("eager", {})
-        if ours["status"] != "ok":
-            value = None
-        elif t.metric == "ms":
-            value = ours["median_ms"]
-        else:
-            field = "median_ms" if t.metric == "time_ratio" else "peak_mem_bytes"
-            value = ratio(ours.get(field), eager.get(field) if eager.get("status") == "ok" else None)
+        value = _target_value(t, group)
         verdict = "not measured" if value is None else ("MET" if value <= t.bound else "MISSED")
-        lines.append(f"target {t.case} {t.shape} {t.dtype} {t.mode}: {_METRIC_TEXT[t.metric]} = {_fmt(value, '.3f')} "
+        lines.append(f"target {t.case} {t.shape} {t.dtype} {t.mode}: {_metric_text(t)} = {_fmt(value, '.3f')} "
                      f"(target <= {t.bound:.3g}, {t.source}): {verdict}")
     return lines
 

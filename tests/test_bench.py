@@ -178,6 +178,33 @@ def test_markdown_table_ratios_notes_and_targets():
     assert all(t.endswith("MISSED") for t in worse)
 
 
+def test_issue_targets_low_memory_floor_and_parity_costs():
+    """The stated goals of the low-memory plan and of sampler parity come out as target lines of their own pairs."""
+    dweight = 32000 * 1024 * 2  # bytes of a bf16 d_weight at the judged CPU shape
+    bf16 = {"dtype": "bf16", "n": 4096, "h": 1024, "v": 32000}
+    rows = [dict(_row("ours", 100.0, 400 * MIB), **bf16), dict(_row("ours-low", 130.0, int(1.4 * dweight)), **bf16)]
+    lines = report.target_lines(rows)
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in lines] == [
+        "peak memory ours-low / bytes of d_weight = 1.400", "time ours-low/ours = 1.300"]
+    assert all(line.endswith("MET") for line in lines)
+    rows[1].update(median_ms=150.0, peak_mem_bytes=2 * dweight)
+    assert all(line.endswith("MISSED") for line in report.target_lines(rows))
+    rows[1]["status"] = "oom"
+    assert all(line.endswith("not measured") for line in report.target_lines(rows))
+
+    def gpu(case, impl, ms, shape="4096x4096x151936"):
+        return dict(_row(impl, ms, MIB, shape=shape), case=case, dtype="bf16", device_type="cuda")
+
+    parity = [gpu("linear", "ours", 100.0), gpu("linear", "ours-det", 114.0), gpu("sampler", "ours", 140.0),
+              gpu("sampler", "untruncated", 100.0), gpu("linear", "floor", 90.0, "8192x4096x151936"),
+              gpu("linear", "ours", 120.0, "8192x4096x151936")]
+    text = "\n".join(report.target_lines(parity))
+    assert "time ours-det/ours = 1.140" in text and "time ours/untruncated = 1.400" in text
+    assert "time ours/floor = 1.333" in text and "ours median ms = 120.000" in text
+    verdicts = {line.split(":")[1]: line.rsplit(": ", 1)[1] for line in text.splitlines()}
+    assert sorted(verdicts.values()) == ["MET", "MISSED", "MISSED", "MISSED"]  # 114 <= 1.15x; 1.4, 1.33, 120 ms not
+
+
 def test_row_sink_writes_json_jsonl_csv(tmp_path):
     sink = report.RowSink(str(tmp_path), {"device_name": "test cpu", "git_commit": "abc"})
     sink(_row("ours", 1.0, 10))
@@ -216,7 +243,7 @@ def test_main_end_to_end_rows_table_and_plots(tmp_path, capsys):
         ("linear", "ours"), ("linear", "eager"), ("logits", "ours"), ("logits", "eager"), ("pg", "ours"),
         ("pg", "eager"), ("attention", "ours"), ("attention", "sdpa"), ("model", "ours"), ("model", "eager"),
         ("model", "fused-loss"), ("tp", "ours"), ("tp", "gather"), ("tp", "ours-det"), ("linear", "ours-det"),
-        ("logits", "ours-det"),
+        ("logits", "ours-det"), ("linear", "ours-low"), ("pg", "ours-low"),
         ("sampler", "ours"), ("sampler", "eager"), ("sampler", "untruncated")}
     assert not torch.distributed.is_initialized()  # the tp case's helper rank and group are gone after its group
     assert {r["mode"] for r in ok if r["case"] == "linear"} == set(DEFAULT_MODES)
