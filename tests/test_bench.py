@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from fusedpg.bench import main, measure, report
+from fusedpg.bench import collect, main, measure, report
 from fusedpg.bench.registry import (DEFAULT_DTYPE, DEFAULT_MODES, JUDGED_CPU, SHAPE_PRESETS, Case, Impl, Inputs,
                                     Shape, availability, cases, default_items, items_from_text)
 from fusedpg.bench.runner import Plan, Runner, mode_call
@@ -390,17 +390,48 @@ def test_render_states_device_and_commit(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("bash") is None or not os.path.exists("/proc/self/status"), reason="bash, Linux")
 def test_device_script_dry_run(tmp_path):
-    out = tmp_path / "dev"
-    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "device.sh"), str(out), "--dry-run"],
-                          capture_output=True, text=True, timeout=300)
+    """Every step in order under one budget, the archive re-written after each step, and collect's files from it."""
+    out, pack = tmp_path / "dev", tmp_path / "ret" / "device.tgz"
+    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "device.sh"), str(out), "--dry-run", "--pack",
+                           str(pack)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for name in ("device.log", "summary.txt", "verify.txt", "pip-freeze.txt", "nvidia-smi.txt",
+                 "floor-linear/results.json", "floor-pg/results.json", "parity-cost/results.json",
                  "bench/results.json", "bench/table.md", "bench/rows.jsonl"):
         assert (out / name).exists(), name
     summary = (out / "summary.txt").read_text()
-    assert "verify rc=0" in summary and "bench rc=0" in summary
+    steps = [line.split(" rc=")[0] for line in summary.splitlines()]
+    assert steps == ["floor-linear", "floor-pg", "parity-cost", "verify", "bench"], summary
+    assert all(" rc=0 " in line for line in summary.splitlines()), summary
     rows = json.load(open(out / "bench" / "results.json"))
     assert any(r["status"] == "ok" and r["impl"] == "ours" for r in rows)
+    assert {(r["case"], r["impl"]) for r in json.load(open(out / "parity-cost" / "results.json"))
+            if r["status"] == "ok"} == {("linear", "ours"), ("linear", "ours-det"), ("logits", "ours"),
+                                        ("logits", "ours-det"), ("sampler", "ours"), ("sampler", "untruncated")}
+    paths = collect.collect(str(pack), str(tmp_path / "results"), suffix="dry")
+    merged = json.load(open(paths[0]))
+    assert os.path.basename(paths[0]).startswith("cpu-") and paths[0].endswith("-dry.json")
+    assert len(merged) == sum(len(json.load(open(p))) for p in out.glob("*/results.json"))
+    md = open(paths[1]).read()
+    assert "| case |" in md and "#### summary.txt" in md and "bench rc=0" in md
+
+
+def test_device_script_budget_skips_steps(tmp_path):
+    """A spent budget skips the remaining steps (and says so) instead of overrunning its caller's timeout."""
+    out = tmp_path / "dev"
+    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "device.sh"), str(out), "--dry-run", "--budget", "25"],
+                          capture_output=True, text=True, timeout=120)
+    summary = (out / "summary.txt").read_text()
+    assert "bench skipped: budget spent" in summary, summary + proc.stdout[-2000:]
+    assert proc.returncode == 0
+
+
+def test_collect_names_and_refuses():
+    rows = [{"device_type": "cuda", "device_name": "NVIDIA H200", "utc_time": "2026-12-01T09:00:00Z",
+             "git_commit": "0123456789abcdef0123+dirty"}]
+    assert collect.file_stem(rows) == "h200-20261201-0123456789ab"
+    assert collect.file_stem([dict(rows[0], device_type="cpu")], "x") == "cpu-20261201-0123456789ab-x"
+    assert collect.main([os.path.join(REPO, "docs")]) == 2  # no results.json under it
 
 
 def _synthetic_rows():

@@ -20,6 +20,8 @@ B, T, H, V = 3, 5, 16, 40
 CHUNK = 6 * V * 4  # six fp32 rows of logits: several chunks per call (a per-chunk read would show)
 CASES = [(impl, lt, layout) for impl in ("torch", "triton") for lt in ("grpo", "dapo")
          for layout in ("padded", "packed")]
+#: Where each impl's inputs live: the Triton plan on CUDA where there is one (the interpreter on CPU otherwise).
+DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def _inputs(layout: str, device="cpu", seed: int = 0, per_token_temperature: bool = False):
@@ -63,7 +65,7 @@ def _count_reads(monkeypatch):
 
 @pytest.mark.parametrize("impl,loss_type,layout", CASES)
 def test_one_read_per_call(monkeypatch, impl, loss_type, layout):
-    _, args, kw = _inputs(layout)
+    _, args, kw = _inputs(layout, DEVICE[impl])
     _step(impl, loss_type, args, kw)  # first call: the metric-key probe (CPU tensors) runs once per config
     calls = _count_reads(monkeypatch)
     _step(impl, loss_type, args, kw)
@@ -123,7 +125,7 @@ def _no_other_reads(monkeypatch):
 
 @pytest.mark.parametrize("impl,loss_type,layout", CASES)
 def test_no_read_outside_host_read(monkeypatch, impl, loss_type, layout):
-    _, args, kw = _inputs(layout)
+    _, args, kw = _inputs(layout, DEVICE[impl])
     _step(impl, loss_type, args, kw)  # warm caches (metric-key probe, kernel compilation) outside the guard
     with _no_other_reads(monkeypatch):
         _step(impl, loss_type, args, kw)

@@ -51,8 +51,8 @@ def test_default_impl_on_cpu_is_torch(monkeypatch):
     from fusedpg.backend import resolve_impl
 
     assert resolve_impl(None, torch.device("cpu")) == "torch"
-    monkeypatch.setenv("FUSEDPG_IMPL", "triton")
-    assert resolve_impl(None, torch.device("cpu")) == "triton"  # TRITON_INTERPRET=1 (or CUDA) in this suite
+    monkeypatch.setenv("FUSEDPG_IMPL", "triton")  # CUDA tensors, or CPU ones under TRITON_INTERPRET=1 (this suite)
+    assert resolve_impl(None, torch.device("cuda" if torch.cuda.is_available() else "cpu")) == "triton"
 
 
 def test_nan_fill_fixture_is_active():

@@ -54,12 +54,15 @@ def _liger(loss_type, kw, batch):
 
 
 def _ours(loss_type, kw, batch, impl="torch"):
-    x, w, y, mask, adv, old, ref = batch
+    """(loss, d_x, d_w, metrics) on CPU; the Triton plan runs on CUDA where there is one (else the interpreter)."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    x, w, y, mask, adv, old, ref = (t.to(device) for t in batch)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss, met = fusedpg.fused_linear_pg_loss(xs, ws, y, adv, mask, old_logp=old, ref_logp=ref, loss_type=loss_type,
                                              impl=impl, **{"beta": 0.04, **kw})
     loss.backward()
-    return loss.detach(), xs.grad, ws.grad, met
+    met = {k: v.cpu() if torch.is_tensor(v) else v for k, v in met.items()}
+    return loss.detach().cpu(), xs.grad.cpu(), ws.grad.cpu(), met
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

@@ -77,12 +77,16 @@ def _repeated_rows(model, prompts, comps):
         ids[i, :p.numel() + c.numel()] = torch.cat([p, c])
         mask[i, :p.numel() + c.numel()] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = (t.to(model.device) for t in (ids, mask, pos))
     h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     return torch.cat([h[i, p.numel() - 1:p.numel() + c.numel() - 1] for i, (p, c) in enumerate(pairs)])
 
 
 def _grouped_rows(model, packed):
-    return packed.layout.unpack(model.model(**packed.model_kwargs()).last_hidden_state)
+    dev = model.device
+    kwargs = dict(packed.model_kwargs(), input_ids=packed.input_ids.to(dev),
+                  position_ids=packed.position_ids.to(dev), attention_mask=packed.layout.mask_placeholder(dev))
+    return packed.layout.unpack(model.model(**kwargs).last_hidden_state)
 
 
 def _step(model, rows, targets, weights):
@@ -96,15 +100,22 @@ def _step(model, rows, targets, weights):
     return model.lm_head(rows).detach(), loss.detach(), grads
 
 
-def _run_both(arch, dtype, grouped_attn=NAME):
+def _run_both(arch, dtype, grouped_attn=NAME, device="cpu"):
+    """(repeated-batch step, grouped step, layout), each step's tensors back on CPU."""
     prompts, comps, weights = _data()
-    base = _model(arch, "sdpa", dtype=dtype)
-    grouped = _model(arch, grouped_attn, state=base.state_dict(), dtype=dtype)
+    base = _model(arch, "sdpa", dtype=dtype).to(device)
+    grouped = _model(arch, grouped_attn, state=base.state_dict(), dtype=dtype).to(device)
     packed = pack(prompts, comps)
-    targets = packed.layout.unpack(packed.input_ids, predict=False)
+    targets = packed.layout.unpack(packed.input_ids, predict=False).to(device)
+    weights = tuple(w.to(device) for w in weights)
     want = _step(base, _repeated_rows(base, prompts, comps), targets, weights)
     got = _step(grouped, _grouped_rows(grouped, packed), targets, weights)
-    return want, got, packed.layout
+    return _on_cpu(want), _on_cpu(got), packed.layout
+
+
+def _on_cpu(step):
+    logits, loss, grads = step
+    return logits.cpu(), loss.cpu(), {name: g.cpu() for name, g in grads.items()}
 
 
 def _split(logits, layout):
@@ -133,11 +144,12 @@ def test_fp32_grouped_matches_under_tolerance_model(arch):
 
 
 def test_triton_kernels_inside_the_model(monkeypatch):
-    """The same equivalence with the Triton kernels (the interpreter on CPU, set up by tests/conftest.py)."""
+    """The same equivalence with the Triton kernels (on CUDA where there is one, else the interpreter on CPU, set
+    up by tests/conftest.py)."""
     truth, _, _ = _run_both("llama", torch.float64)
     eager, _, layout = _run_both("llama", torch.float32)
     monkeypatch.setenv("FUSEDPG_IMPL", "triton")
-    _, ours, _ = _run_both("llama", torch.float32)
+    _, ours, _ = _run_both("llama", torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
     for i, (o, e, t) in enumerate(zip(_split(ours[0], layout), _split(eager[0], layout), _split(truth[0], layout))):
         assert_close_to_truth(f"logits[completion {i}]", o, e, t, torch.float32)
     for name in truth[2]:
