@@ -4,7 +4,8 @@ result files.
 SOURCE is the script's OUTDIR or its ``--pack`` archive (.tgz). Every ``results.json`` under it (floor-linear,
 floor-pg, parity-cost, bench) is merged into one ``<device>-<yyyymmdd>-<commit12>[-suffix].json`` in DIR (default
 bench/results/, named as its README says), and beside it a ``.md`` holding the rendered tables with their target
-lines, then the script's step summary and the tails of the parity, verify and pytest logs: what the README cites.
+lines, then the script's step summary and the tails of the parity, verify and pytest logs; the plots of the floor
+and suite steps are copied beside them. Those files are what the README cites.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import glob
 import os
 import re
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -20,6 +22,8 @@ from typing import Dict, List, Optional
 from .render import RESULTS_DIR, render
 from .report import load_rows, write_json
 
+#: Steps whose plots are copied (``<stem>-<step>-<plot>.png``): the memory floor with its N and V sweeps, the suite.
+PLOT_STEPS = ("floor-linear", "bench")
 #: Logs whose last lines go into the .md, in this order.
 LOGS = ("summary.txt", "parity.txt", "verify.txt", "pytest.txt")
 TAIL = 40
@@ -63,16 +67,20 @@ def collect(source: str, results_dir: str = RESULTS_DIR, suffix: str = "") -> Li
             raise ValueError(f"SOURCE must be a device.sh OUTDIR or --pack archive holding results.json files, got "
                              f"{source!r} with none")
         stem = os.path.join(results_dir, file_stem(rows, suffix))
+        plots = {f"{stem}-{os.path.basename(os.path.dirname(png))}-{os.path.basename(png)}": png
+                 for step in PLOT_STEPS for png in sorted(glob.glob(os.path.join(root, step, "*.png")))}
         parts = [render(rows)]
         for name in LOGS:
             path = os.path.join(root, name)
             if os.path.exists(path):
                 parts.append(f"#### {name} (last {TAIL} lines)\n\n```\n{_tail(path)}```\n")
-    os.makedirs(results_dir, exist_ok=True)
+        os.makedirs(results_dir, exist_ok=True)
+        for dst, src in plots.items():
+            shutil.copyfile(src, dst)
     write_json(stem + ".json", rows)
     with open(stem + ".md", "w") as f:
         f.write("\n".join(parts))
-    return [stem + ".json", stem + ".md"]
+    return [stem + ".json", stem + ".md", *plots]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

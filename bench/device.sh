@@ -112,18 +112,22 @@ $PY -m pip freeze 2>/dev/null | grep -i -E 'torch|triton|fusedpg|liger|cut.cross
 log "pip freeze (subset): $(tr '\n' ' ' < "$OUT/pip-freeze.txt")"
 
 if [ "$DRY" = 1 ]; then
-  FLOOR=16x8x32; DEV=cpu; COST=16x8x32; BENCH_ARGS=(--quick --shape 16x8x32 --shape 4+2x2 --reps 1 --warmup 0)
+  FLOOR=16x8x32; SWEEP=(--shape 8x8x32 --shape 16x8x16); DEV=cpu; COST=16x8x32
+  BENCH_ARGS=(--quick --shape 16x8x32 --shape 4+2x2 --reps 1 --warmup 0)
   ONE=(env OMP_NUM_THREADS=1)  # tiny shapes on a loaded machine otherwise wait for time slices between threads
 else
-  FLOOR=8192x4096x151936; DEV=cuda; COST=4096x4096x151936; BENCH_ARGS=(); ONE=()
+  FLOOR=8192x4096x151936; DEV=cuda; COST=4096x4096x151936
+  # after the judged shape, while time is left: N and V sweeps through it (the memory-against-N/V plot's points)
+  SWEEP=(--shape 2048x4096x151936 --shape 4096x4096x151936 --shape 8192x4096x32000 --shape 8192x4096x65536)
+  BENCH_ARGS=(); ONE=()
 fi
 BENCH="$PY -m fusedpg.cli bench --device $DEV --no-progress"
 
 # Issue 12 first, so that a short slot yields it before anything else: extra peak memory of ours and ours-low
 # against the bytes of d_weight, with Liger, CCE, eager and the three-GEMM floor beside them.
 step floor-linear "$OUT/floor-linear.txt" 130 "${ONE[@]}" $BENCH --out "$OUT/floor-linear" --case linear \
-  --shape "$FLOOR" --impl ours,ours-low,floor,cce,liger,eager --dtype bf16 --mode fwd+bwd --reps 3 \
-  --max-minutes "$(minutes 90)" --no-plots
+  --shape "$FLOOR" "${SWEEP[@]}" --impl ours,ours-low,floor,cce,liger,eager --dtype bf16 --mode fwd+bwd --reps 3 \
+  --max-minutes "$(minutes 90)"
 step floor-pg "$OUT/floor-pg.txt" 100 "${ONE[@]}" $BENCH --out "$OUT/floor-pg" --case pg --shape "$FLOOR:dapo" \
   --impl ours,ours-low,floor,liger,eager --dtype bf16 --mode fwd+bwd --reps 3 --max-minutes "$(minutes 60)" --no-plots
 

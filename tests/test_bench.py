@@ -414,6 +414,7 @@ def test_device_script_dry_run(tmp_path):
     assert len(merged) == sum(len(json.load(open(p))) for p in out.glob("*/results.json"))
     md = open(paths[1]).read()
     assert "| case |" in md and "#### summary.txt" in md and "bench rc=0" in md
+    assert any(p.endswith("-dry-floor-linear-linear_memory.png") and os.path.getsize(p) > 1000 for p in paths[2:])
 
 
 def test_device_script_budget_skips_steps(tmp_path):
