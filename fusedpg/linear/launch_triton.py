@@ -7,7 +7,7 @@ import torch
 import triton
 
 from .. import fixed_rows
-from ..gemm import accumulate_mm_
+from ..gemm import accumulate_mm_, triton_accumulate_mm_
 from ..kernel_config import check_triton_dtype, programs_wanted, tile_config
 from ..logits.launch_triton import target_layout
 from ..options import LogProbOptions
@@ -134,8 +134,9 @@ def backward(
     their own chunks), and return them as they are.
 
     Per chunk of rows a kernel writes dL/du ``[rows, V]`` (fp32 for fp32 inputs, else the input dtype) into one
-    reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows, and ``accumulate_mm_``
-    adds each chunk's dweight into the fp32 accumulator inside the GEMM (fusedpg/gemm.py).
+    reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows (deterministic: the
+    fixed-tile Triton GEMM of ``kernels/accumulate_mm.py``), and ``accumulate_mm_`` adds each chunk's dweight into
+    the fp32 accumulator inside the GEMM (fusedpg/gemm.py).
 
     ``tau`` ``[N]``: the forward's truncation thresholds (logits below them are out of the kept set); the caller has
     zeroed ``c`` on rows whose target fell outside it.
@@ -177,8 +178,11 @@ def backward(
             num_stages=cfg.num_stages,
         )
         gc = g[:r]
-        if need_h and opts.deterministic:  # cuBLAS picks its algorithm by shape: fixed row blocks
-            fixed_rows.mm(gc, weight, dh[lo:hi])
+        if need_h and opts.deterministic:
+            # A Triton GEMM of fixed tiles, summing over V in one order (no split-K): a row's d_hidden depends on its
+            # own g row alone, not on N or on the algorithm cuBLAS would choose for this shape on this device.
+            dh[lo:hi] = triton_accumulate_mm_(torch.zeros((r, h_dim), dtype=torch.float32, device=hidden.device),
+                                              gc.T, weight)
         elif need_h:
             torch.mm(gc, weight, out=dh[lo:hi])
         if need_w:
