@@ -57,6 +57,12 @@ def triton_accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
     return acc
 
 
+def row_step(dtype: torch.dtype) -> int:
+    """Rows the Triton kernel adds per step (BR): calls over consecutive row ranges that each start at a multiple
+    of it give the bits of one call over all the rows."""
+    return _tiles(dtype)[2]
+
+
 def _tiles(dtype: torch.dtype):
     """(BM, BH, BR, num_warps, num_stages): small tiles in the interpreter so tests cover tails and several programs;
     tensor-core tiles on CUDA (not yet tuned on a device)."""

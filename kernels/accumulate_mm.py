@@ -1,9 +1,11 @@
 """``acc += a^T b`` into an fp32 accumulator, in place: the weight gradient summed inside the GEMM.
 
-acc ``[M, H]`` fp32, a ``[R, M]``, b ``[R, H]`` (any strides). Program (m block, h block) sums the product of its
-tiles over all R rows in fp32, in one fixed order (no split-K, no atomics: a run repeats bit for bit), then reads its
-accumulator tile, adds and writes it back. Nothing ``[M, H]`` is allocated, and a chunk's partial product is never
-rounded to the inputs' dtype before it is added.
+acc ``[M, H]`` fp32, a ``[R, M]``, b ``[R, H]`` (any strides). Program (m block, h block) reads its accumulator tile,
+adds the products of its tiles BR rows at a time in fp32, in one fixed order (no split-K, no atomics: a run repeats
+bit for bit), and writes it back. Nothing ``[M, H]`` is allocated, and a chunk's partial product is never rounded to
+the inputs' dtype before it is added. Because the running sum starts from the accumulator, calls over consecutive
+row ranges that each start at a multiple of BR give the bits of one call over all the rows: the deterministic mode
+relies on it (d_weight whatever the row chunks; d_hidden continued from one vocabulary shard to the next).
 """
 import triton
 import triton.language as tl
@@ -21,7 +23,9 @@ def _accumulate_mm_kernel(
     h_mask = hs < H
     ms64 = ms.to(tl.int64)
     hs64 = hs.to(tl.int64)
-    prod = tl.zeros([BM, BH], dtype=tl.float32)
+    ptrs = acc_ptr + ms64[:, None] * stride_cm + hs64[None, :] * stride_ch
+    mask = m_mask[:, None] & h_mask[None, :]
+    prod = tl.load(ptrs, mask=mask, other=0.0)
     for r0 in range(0, R, BR):
         rs = r0 + tl.arange(0, BR)
         r_mask = rs < R
@@ -38,6 +42,4 @@ def _accumulate_mm_kernel(
             prod += tl.sum(at.to(tl.float32)[:, :, None] * bt.to(tl.float32)[None, :, :], axis=1)
         else:
             prod = tl.dot(at, bt, prod, input_precision=DOT_PRECISION)
-    ptrs = acc_ptr + ms64[:, None] * stride_cm + hs64[None, :] * stride_ch
-    mask = m_mask[:, None] & h_mask[None, :]
-    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + prod, mask=mask)
+    tl.store(ptrs, prod, mask=mask)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fusedpg.gemm import accumulate_mm_, triton_accumulate_mm_
+from fusedpg.gemm import accumulate_mm_, row_step, triton_accumulate_mm_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(37, 21, 13), (16, 16, 1), (5, 40, 9), (1, 3, 17)]  # (M, H, R)
@@ -55,6 +55,20 @@ def test_kernel_accumulates_over_calls(dtype):
     for a, b in parts:
         triton_accumulate_mm_(acc, a, b)
     _assert_fp32_accurate(acc, torch.zeros(19, 23, device=KERNEL), parts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_calls_split_at_the_row_step_chain_bitwise(dtype):
+    """The running sum starts from the accumulator: calls over row ranges that start at multiples of the kernel's
+    row step give one call's bits (the deterministic mode's d_weight whatever the chunks, d_hidden across shards)."""
+    step = row_step(dtype)
+    acc, a, b = _case(37, 21, 5 * step + 3, dtype, seed=4, transposed=True)
+    whole = triton_accumulate_mm_(acc.clone(), a, b)
+    for cuts in ((2 * step,), (step, 4 * step), (3 * step, 5 * step)):
+        parts = acc.clone()
+        for lo, hi in zip((0,) + cuts, cuts + (a.shape[0],)):
+            triton_accumulate_mm_(parts, a[lo:hi], b[lo:hi])
+        assert torch.equal(parts, whole), cuts
 
 
 def test_kernel_is_run_to_run_deterministic():

@@ -90,6 +90,15 @@ def test_reruns_are_bitwise_identical_including_the_weight_gradient(backend, op)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+def test_weight_gradient_does_not_depend_on_chunk_bytes(backend):
+    """d_weight and d_bias are one running sum over the rows in a fixed order (the torch plan's fixed row blocks, the
+    Triton plan's fixed-tile GEMM continued chunk to chunk), so they do not change with ``chunk_bytes`` either."""
+    batch = _batch(40, 7, seed=8)
+    first, *rest = (_linear(*batch, backend.impl, chunk, deterministic=True) for chunk in CHUNKS)
+    for chunk, other in zip(CHUNKS[1:], rest):
+        assert torch.equal(first[3], other[3]) and torch.equal(first[4], other[4]), f"chunk_bytes={chunk}"
+
+
 def test_environment_switch(monkeypatch):
     batch = _batch(9, 2, seed=7)
     want = _linear(*batch, "torch", CHUNKS[2], deterministic=True)

@@ -145,7 +145,7 @@ def _run_every_kernel():
     bias = torch.zeros(70, dtype=bf, requires_grad=True)
     y = torch.randint(0, 70, (2, 9), generator=g)
     temps = torch.rand(2, 9, generator=g) + 0.5
-    runs = [dict(), dict(bias=bias, temperature=temps), dict(top_k=5, top_p=0.9), dict(deterministic=True)]
+    runs = [dict(), dict(bias=bias, temperature=temps), dict(top_k=5, top_p=0.9), dict(deterministic=True, bias=bias)]
     for kw in runs:
         logp, ent = fusedpg.linear_logprob_entropy(hidden, weight, y, impl="triton", **kw)
         (logp.float().sum() + ent.float().sum()).backward()

@@ -60,8 +60,8 @@ def linear_logprob_entropy(
             :func:`fusedpg.vocab_parallel.vocab_parallel_logprob_entropy` and fusedpg/vocab_parallel/README.md.
         deterministic: bitwise batch-invariant rows (a row's logp, entropy and d_hidden depend on that row alone:
             not on N, other rows, ignored rows, its position or chunk_bytes) and run-to-run reproducible d_weight;
-            default ``FUSEDPG_DETERMINISTIC``, else off. Vocabulary-parallel: the ranks' statistics are merged in
-            rank order. See fusedpg/linear/README.md#deterministic-mode.
+            default ``FUSEDPG_DETERMINISTIC``, else off. Vocabulary-parallel: the ranks' per-segment statistics are
+            merged in global order, and d_hidden's running sum is handed from rank to rank. See fusedpg/linear/README.md#deterministic-mode.
         top_k, top_p, min_p: the log-prob and entropy of the truncated sampling distribution (vLLM's sampler: a
             number, or a tensor of hidden's leading shape); exact gradients of the renormalised kept set. A target
             outside the kept set gets ``fusedpg.truncation.OUTSIDE_LOGP`` (finite). Runs the chunked torch plan

@@ -1,13 +1,14 @@
 """Launchers of the fused linear log-prob + entropy kernels: allocate, size the grid, launch. No autograd."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import triton
 
 from .. import fixed_rows
-from ..gemm import accumulate_mm_, triton_accumulate_mm_
+from ..gemm import accumulate_mm_, row_step, triton_accumulate_mm_
 from ..kernel_config import check_triton_dtype, programs_wanted, tile_config
 from ..logits.launch_triton import target_layout
 from ..options import LogProbOptions
@@ -125,13 +126,10 @@ def backward(
     d: Optional[torch.Tensor],
     opts: LogProbOptions,
     needs: Tuple[bool, bool, bool],
-    accumulate: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
     tau: Optional[torch.Tensor] = None,
+    fold=None,
 ):
     """(d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``), None where not needed.
-
-    ``accumulate=(dw32, db32)``: add d_weight / d_bias into these fp32 buffers instead (callers that loop over
-    their own chunks), and return them as they are.
 
     Per chunk of rows a kernel writes dL/du ``[rows, V]`` (fp32 for fp32 inputs, else the input dtype) into one
     reused buffer of at most ``opts.device_chunk_bytes``; cuBLAS then forms dhidden rows (deterministic: the
@@ -140,6 +138,10 @@ def backward(
 
     ``tau`` ``[N]``: the forward's truncation thresholds (logits below them are out of the kept set); the caller has
     zeroed ``c`` on rows whose target fell outside it.
+
+    Deterministic mode: every GEMM is the fixed-tile Triton kernel (``_deterministic_gemms``); ``fold`` (a vocabulary
+    shard's, fusedpg/vocab_parallel) continues d_hidden's sum from the shards before this one, and d_hidden then
+    comes back in fp32.
     """
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
@@ -147,19 +149,18 @@ def backward(
     need_h, need_w, need_b = needs
     bias = None if bias is None else bias.contiguous()  # the kernels read bias with unit stride
     g_dtype = hidden.dtype
-    rows = max(cfg.BT, opts.device_chunk_bytes // (vocab * g_dtype.itemsize) // cfg.BT * cfg.BT)
+    det = opts.deterministic
+    # deterministic: chunks start at multiples of the accumulate kernel's row step too, so its sums chain exactly
+    step = math.lcm(cfg.BT, row_step(g_dtype)) if det else cfg.BT
+    rows = max(step, opts.device_chunk_bytes // (vocab * g_dtype.itemsize) // step * step)
     rows = min(rows, n)
     g = torch.empty((rows, vocab), dtype=g_dtype, device=hidden.device)
-    single = rows == n and accumulate is None
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-    dw = db = None
-    if accumulate is not None:
-        dw, db = accumulate
-    else:
-        if need_w and not single:
-            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        if need_b:
-            db = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+    single = rows == n and not det
+    dh = None
+    if need_h:  # deterministic: an fp32 running sum over V (handed on between shards by ``fold``), rounded at the end
+        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if det else torch.empty_like(hidden)
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and not single else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
     t, stride_t = temp.kernel_arg(hidden.device)
     y, k, kp = target_layout(targets)
     c = c.float().reshape(y.shape).contiguous()
@@ -178,12 +179,10 @@ def backward(
             num_stages=cfg.num_stages,
         )
         gc = g[:r]
-        if need_h and opts.deterministic:
-            # A Triton GEMM of fixed tiles, summing over V in one order (no split-K): a row's d_hidden depends on its
-            # own g row alone, not on N or on the algorithm cuBLAS would choose for this shape on this device.
-            dh[lo:hi] = triton_accumulate_mm_(torch.zeros((r, h_dim), dtype=torch.float32, device=hidden.device),
-                                              gc.T, weight)
-        elif need_h:
+        if det:
+            _deterministic_gemms(gc, h, weight, lo, n, dh, dw, db, fold)
+            continue
+        if need_h:
             torch.mm(gc, weight, out=dh[lo:hi])
         if need_w:
             if single:
@@ -192,10 +191,38 @@ def backward(
                 accumulate_mm_(dw, gc, h)
         if need_b:
             db.add_(gc.sum(0, dtype=torch.float32))
-    if accumulate is not None:
-        return dh, dw, db
+    if dh is not None and fold is None:
+        dh = dh.to(hidden.dtype)
     return (
         dh,
         None if dw is None else dw.to(weight.dtype),
         None if db is None else db.to(bias.dtype),
     )
+
+
+def _deterministic_gemms(g, h, weight, lo, n, dh, dw, db, fold) -> None:
+    """One chunk's gradient GEMMs in deterministic mode, rows ``[lo, lo + len(g))`` of N, on the fixed-tile Triton
+    kernel (kernels/accumulate_mm.py; no split-K, no atomics, tiles independent of N and of the device's size):
+
+    * d_hidden += g @ W: a row's sum over V runs in vocabulary order and depends on that row alone; with ``fold`` it
+      starts from the running sums of the shards before this one, ``fold.CHUNK``-row blocks at a time, so the last
+      shard ends with one process's bits;
+    * d_weight += g^T h and d_bias += g^T 1: one running fp32 sum over the rows, whatever the chunks (they start at
+      multiples of the kernel's row step), so a shard's rows are one process's rows bit for bit.
+    """
+    hi = lo + g.shape[0]
+    if dh is not None and fold is None:
+        triton_accumulate_mm_(dh[lo:hi], g.T, weight)
+    elif dh is not None:
+        at = lo
+        while at < hi:
+            end = min(hi, (at // fold.CHUNK + 1) * fold.CHUNK)  # blocks never straddle one of fold's messages
+            acc = fold.start(at, end, end - at, n)
+            triton_accumulate_mm_(acc, g[at - lo:end - lo].T, weight)
+            dh[at:end] = acc
+            fold.done(at, end, acc, n)
+            at = end
+    if dw is not None:
+        triton_accumulate_mm_(dw, g, h)
+    if db is not None:
+        triton_accumulate_mm_(db.view(-1, 1), g, g.new_ones(g.shape[0], 1))

@@ -30,8 +30,8 @@ def vocab_parallel_logprob_entropy(
         Megatron's sequence-parallel layouts do with a reduce-scatter.
     deterministic: merge the all-gathered per-segment statistics of every rank in global segment order instead of
         two all-reduces: every rank holds bitwise the same result, and with whole-segment shards the log-probs and
-        entropy (on the torch plan every gradient too, d_hidden folded rank after rank) are bitwise the
-        one-process ones (README.md#deterministic-mode).
+        entropy, and every gradient (d_hidden's running sum handed rank after rank), are bitwise the one-process
+        ones (README.md#deterministic-mode).
     top_k, top_p, min_p: the truncated sampling distribution, its thresholds found over the whole vocabulary (the
         row max, the sums and the select's histograms all-reduced over the group).
 

@@ -168,8 +168,9 @@ def vocab_parallel_backward_op(
     ``reduce_hidden_grad`` (each rank holds the part of ``g @ W`` from its own columns). Truncated: ``grad_logp``
     is already 0 on rows whose target fell outside the kept set (on every rank, not only the target's)."""
     pg = group_of(group)
-    # deterministic torch plan: d_hidden is one fold over the vocabulary segments in order, passed rank to rank
-    chain = deterministic and need_hidden and reduce_hidden_grad and (impl != "triton" or tau is not None)
+    # deterministic: d_hidden is one running sum over the vocabulary in order (the torch plan's segment fold, the
+    # Triton plan's fixed-tile GEMM), passed rank to rank
+    chain = deterministic and need_hidden and reduce_hidden_grad
     fold = _RankFold(pg, hidden.shape[1], compute_dtype(hidden.dtype), hidden.device) if chain else None
     dh, dw, db = backward_grads(
         grad_logp, grad_entropy, hidden, weight, bias, targets, temp_rows, temp_value, m, log_s, entropy, IGNORE,
@@ -182,13 +183,7 @@ def vocab_parallel_backward_op(
         dh = dh.to(hidden.dtype)
     elif need_hidden and reduce_hidden_grad:
         total = dh.to(compute_dtype(dh.dtype))  # summed at fp32, rounded once
-        if deterministic:  # the Triton plan: the ranks' parts added in rank order, the same bits on every rank
-            parts = _gathered(total, pg)
-            total = parts[0]
-            for part in parts[1:]:
-                total = total + part
-        else:
-            dist.all_reduce(total, group=pg)
+        dist.all_reduce(total, group=pg)
         dh = total.to(dh.dtype)
     return [dh, dw, db]
 
