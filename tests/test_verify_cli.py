@@ -57,17 +57,19 @@ def test_verify_primitives_table():
 
 def test_verify_tp_group_runs_two_gloo_ranks():
     """--only tp: the merged log-probs, entropy and every gradient of a head sharded over 2 gloo ranks (plain,
-    deterministic, truncated) against float64, and the deterministic whole-segment results equal to one process."""
+    deterministic, truncated) against float64, and the deterministic whole-segment results equal to one process on
+    both plans."""
     import io
 
     buf = io.StringIO()
     assert runner.run("cpu", None, [torch.float32], out=buf, groups=("tp",))
     rows = _table_rows(buf.getvalue())
-    assert len(rows) == 3 * 5 + 4, rows
+    assert len(rows) == 3 * 5 + 2 * 4, rows
     for op in ("vocab_parallel ", "vocab_parallel[det] ", "vocab_parallel[trunc]"):
         assert sum(r.startswith(op) for r in rows) == 5, op
-    bitwise = [r for r in rows if r.startswith("vocab_parallel[det,bitwise]")]
-    assert len(bitwise) == 4 and all("== 1 process" in r and " 0.000e+00 " in r for r in bitwise)
+    for op in ("vocab_parallel[det,bitwise] ", "vocab_parallel[det,bitwise,triton]"):
+        bitwise = [r for r in rows if r.startswith(op)]
+        assert len(bitwise) == 4 and all("== 1 process" in r and " 0.000e+00 " in r for r in bitwise), op
 
 
 def test_verify_triton_one_dtype(capsys):

@@ -1,9 +1,10 @@
-"""Verify group ``tp``: a vocabulary-parallel head on two gloo ranks of this machine's CPU (torch plan).
+"""Verify group ``tp``: a vocabulary-parallel head on two gloo ranks of this machine's CPU.
 
 Each rank holds half of the head's rows and runs the same verification cases as the ``primitives`` group through
 ``vocab_parallel_group=`` (the merged log-probs, entropy and every gradient against the float64 reference), plain,
-truncated (the thresholds found over the whole vocabulary) and deterministic; a last check compares the
-deterministic results of whole-segment shards with one process bit for bit. Rank 0 reports.
+truncated (the thresholds found over the whole vocabulary) and deterministic, on the torch plan; a last check
+compares the deterministic results of whole-segment shards with one process bit for bit, on the torch plan and on
+the Triton plan (the ranks run the Triton interpreter: they hold CPU tensors). Rank 0 reports.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _sharded(**fixed):
     return op
 
 
-def _bitwise(dtype: torch.dtype) -> List[Comparison]:
+def _bitwise(dtype: torch.dtype, impl: str) -> List[Comparison]:
     """Deterministic mode, two whole 128-column segments per rank: logp, entropy, this rank's d_weight rows and
     d_hidden against one process, ``torch.equal`` (every rank's verdict combined)."""
     from .. import linear_logprob_entropy
@@ -67,7 +68,7 @@ def _bitwise(dtype: torch.dtype) -> List[Comparison]:
 
     def run(w, **kw):
         w, h = w.detach().clone().requires_grad_(), hidden.clone().requires_grad_()
-        logp, ent = linear_logprob_entropy(h, w, targets, temperature=temps, deterministic=True, impl="torch", **kw)
+        logp, ent = linear_logprob_entropy(h, w, targets, temperature=temps, deterministic=True, impl=impl, **kw)
         (logp.sum() + 0.1 * ent.sum()).backward()
         return logp.detach(), ent.detach(), w.grad, h.grad
 
@@ -86,6 +87,8 @@ def _bitwise(dtype: torch.dtype) -> List[Comparison]:
 def _rank_main(rank: int, init: str, path: str, dtypes) -> None:
     from .cases_logprob import LinearCase, check_linear
 
+    # before any kernel module is imported: Triton reads it when a kernel is defined (the ranks hold CPU tensors)
+    os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     cases = (LinearCase(n=13, h=24, v=50), LinearCase(n=9, h=40, v=257, temperature="per-token", bias=True))
@@ -97,7 +100,8 @@ def _rank_main(rank: int, init: str, path: str, dtypes) -> None:
             for case in cases:
                 rows += [(label, r) for r in check_linear(replace(case, dtype=dtype), impl="torch",
                                                           op=_sharded(**fixed), truncation=trunc)]
-        rows += [("vocab_parallel[det,bitwise]", r) for r in _bitwise(dtype)]
+        rows += [("vocab_parallel[det,bitwise]", r) for r in _bitwise(dtype, "torch")]
+        rows += [("vocab_parallel[det,bitwise,triton]", r) for r in _bitwise(dtype, "triton")]
     if rank == 0:
         with open(path, "wb") as f:
             pickle.dump(rows, f)
@@ -108,7 +112,7 @@ def _rank_main(rank: int, init: str, path: str, dtypes) -> None:
 
 
 def check_tp(dtypes) -> List[Tuple[str, Comparison]]:
-    """(op label, comparison) rows of two spawned gloo ranks (CPU, torch plan), whatever the verify device."""
+    """(op label, comparison) rows of two spawned gloo ranks (CPU), whatever the verify device."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="fusedpg-verify-tp-") as tmp:

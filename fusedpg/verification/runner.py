@@ -116,19 +116,20 @@ LEGEND = (  # printed under the table and in --help
     "|ours - float64| <= 2 * |eager - float64| + slack * max(1, max |float64|),\n"
     f"slack {_SLACKS}: a ratio above 2 can pass where eager is almost exact.\n"
     "Rows '== 1 process' pass only when torch.equal holds (max abs err is then 0). The vocab_parallel rows\n"
-    "(group tp) run 2 gloo ranks on the CPU with the torch plan, whatever --device.")
+    "(group tp) run 2 gloo ranks on the CPU with the torch plan (the [det,bitwise,triton] rows: the Triton\n"
+    "interpreter), whatever --device.")
 
 
 def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
     out = sys.stdout if out is None else out  # looked up per call, so redirected / captured stdout is honoured
-    header = f"{'op':30s} {'output':34s} {'dtype':9s} {'max abs err':>12s} {'ours/eager':>10s}  result"
+    header = f"{'op':34s} {'output':34s} {'dtype':9s} {'max abs err':>12s} {'ours/eager':>10s}  result"
     print(header, file=out)
     print("-" * len(header), file=out)
     rows = []
     for group in groups:
         for op, label, r in GROUPS[group](device, impl, dtypes):
             rows.append(r)
-            print(f"{op:30s} {label:34s} {str(r.dtype).replace('torch.', ''):9s} "
+            print(f"{op:34s} {label:34s} {str(r.dtype).replace('torch.', ''):9s} "
                   f"{r.max_abs_err:12.3e} {r.ratio:10.2f}  {'PASS' if r.ok else 'FAIL'}", file=out, flush=True)
     print("-" * len(header) + "\n" + LEGEND, file=out)
     failed = [r for r in rows if not r.ok]
