@@ -38,18 +38,23 @@ def _data(dtype=torch.float64):
                 mask=mask, adv=adv.float(), old=old.float(), ref=(old + 0.05).float(), up=up)
 
 
-def _whole_segments(world):
-    """A head of two whole 128-column segments per rank (the CPU deterministic segment), its last 5 rows padding."""
+def _whole_segments(world, n=B * T):
+    """A head of two whole 128-column segments per rank (the CPU deterministic segment), its last 5 rows padding;
+    ``n`` rows (a multiple of B)."""
     g = torch.Generator().manual_seed(9)
     vocab = 256 * world  # two segments a rank: a fold over them is not a sum of per-rank sums
-    d = dict(hidden=torch.randn(B * T, H, generator=g), weight=torch.randn(vocab, H, generator=g) / H ** 0.5,
-             bias=0.1 * torch.randn(vocab, generator=g), targets=torch.randint(0, vocab - 5, (B * T,), generator=g),
-             temp=0.5 + torch.rand(B * T, generator=g), up=(torch.randn(B * T, generator=g),
-                                                             torch.randn(B * T, generator=g)))
+    d = dict(hidden=torch.randn(n, H, generator=g), weight=torch.randn(vocab, H, generator=g) / H ** 0.5,
+             bias=0.1 * torch.randn(vocab, generator=g), targets=torch.randint(0, vocab - 5, (n,), generator=g),
+             temp=0.5 + torch.rand(n, generator=g), up=(torch.randn(n, generator=g), torch.randn(n, generator=g)))
     d["targets"][3] = -100
-    d["mask"], d["adv"] = (torch.rand(B * T, generator=g) > 0.2).float(), torch.randn(B * T, generator=g)
-    d["old"] = -5.0 + 0.1 * torch.randn(B * T, generator=g)
+    d["mask"], d["adv"] = (torch.rand(n, generator=g) > 0.2).float(), torch.randn(n, generator=g)
+    d["old"] = -5.0 + 0.1 * torch.randn(n, generator=g)
     return d, vocab - 5
+
+
+#: Many rows in narrow chunks, d_hidden's running sum handed on in 32-row messages: the Triton plan's chunks (48 rows
+#: of a rank's 256 columns, 16 of one process's) straddle the messages, and differ between the two.
+WIDE_ROWS, NARROW_BYTES, SMALL_MESSAGES = 99, 48 * 256 * 4, 32
 
 
 def _bitwise_steps(d, real, weight, bias, **kw):
@@ -57,10 +62,10 @@ def _bitwise_steps(d, real, weight, bias, **kw):
     out = {}
     for impl in ("torch", "triton"):
         out[impl] = _logprob_step(d, weight, bias, impl=impl, deterministic=True, **kw)
-    h, w = d["hidden"].view(B, T, H).clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    loss, _ = fusedpg.fused_linear_pg_loss(h, w, d["targets"].clamp(min=0).view(B, T), d["adv"][:B],
-                                           d["mask"].view(B, T), bias=bias, old_logp=d["old"].view(B, T),
-                                           temperature=d["temp"].view(B, T), loss_type="grpo", beta=0.0,
+    h, w = d["hidden"].view(B, -1, H).clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss, _ = fusedpg.fused_linear_pg_loss(h, w, d["targets"].clamp(min=0).view(B, -1), d["adv"][:B],
+                                           d["mask"].view(B, -1), bias=bias, old_logp=d["old"].view(B, -1),
+                                           temperature=d["temp"].view(B, -1), loss_type="grpo", beta=0.0,
                                            deterministic=True, **kw)
     loss.backward()
     out["loss"] = dict(loss=loss.detach(), d_weight=w.grad, d_hidden=h.grad)
@@ -159,6 +164,13 @@ def _worker(rank, world, out_dir):
     out["bitwise"] = _bitwise_steps(bits, real, bits["weight"][256 * rank:256 * (rank + 1)],
                                     bits["bias"][256 * rank:256 * (rank + 1)], vocab_parallel_group=group,
                                     vocab_size=real)
+    from fusedpg.vocab_parallel.op import _RankFold
+
+    _RankFold.CHUNK = SMALL_MESSAGES
+    wide, real = _whole_segments(world, WIDE_ROWS)
+    out["bitwise.wide"] = _bitwise_steps(wide, real, wide["weight"][256 * rank:256 * (rank + 1)],
+                                         wide["bias"][256 * rank:256 * (rank + 1)], vocab_parallel_group=group,
+                                         vocab_size=real, chunk_bytes=NARROW_BYTES)
     if world == 2:  # ColwiseParallel's weight: a Shard(0) DTensor picks its mesh group by itself
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
@@ -290,26 +302,28 @@ def test_deterministic_merge_is_bitwise_equal_on_every_rank(ranks):
             assert torch.equal(res["logprob.deterministic"][name], ranks[0]["logprob.deterministic"][name]), name
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["few rows", "many rows, narrow chunks"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_deterministic_shards_of_whole_segments_equal_one_process_bitwise(ranks, impl):
+def test_deterministic_shards_of_whole_segments_equal_one_process_bitwise(ranks, impl, wide):
     """Whole 128-column segments per rank (the last shard padded past vocab_size): the gathered per-segment states,
     folded in global order, give one process's log-probs and entropy bit for bit. Every gradient too: on the torch
     plan each segment's weight and bias gradient comes from its own product and d_hidden is one fold over the
     segments; on the Triton plan every gradient GEMM is the fixed-tile kernel, d_weight and d_bias one running sum
     over the rows, d_hidden one running sum over the vocabulary; d_hidden's sums are handed from rank to rank."""
-    d, real = _whole_segments(len(ranks))
-    one = _bitwise_steps(d, real, d["weight"][:real], d["bias"][:real])
+    key, kw = ("bitwise.wide", dict(chunk_bytes=NARROW_BYTES)) if wide else ("bitwise", {})
+    d, real = _whole_segments(len(ranks), WIDE_ROWS if wide else B * T)
+    one = _bitwise_steps(d, real, d["weight"][:real], d["bias"][:real], **kw)
     for name in ("logp", "entropy", "d_weight", "d_bias", "d_hidden"):
         for r, res in enumerate(ranks):
-            got = res["bitwise"][impl][name]
+            got = res[key][impl][name]
             if name in ("d_weight", "d_bias"):
-                got = torch.cat([x["bitwise"][impl][name] for x in ranks])[:real]
+                got = torch.cat([x[key][impl][name] for x in ranks])[:real]
             assert torch.equal(got, one[impl][name]), f"{impl}.{name} on rank {r}"
     if impl == "torch":
         for res in ranks:
             for name in ("loss", "d_hidden"):
-                assert torch.equal(res["bitwise"]["loss"][name], one["loss"][name]), name
-            assert torch.equal(torch.cat([x["bitwise"]["loss"]["d_weight"] for x in ranks])[:real],
+                assert torch.equal(res[key]["loss"][name], one["loss"][name]), name
+            assert torch.equal(torch.cat([x[key]["loss"]["d_weight"] for x in ranks])[:real],
                                one["loss"]["d_weight"])
 
 

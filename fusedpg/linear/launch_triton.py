@@ -158,7 +158,7 @@ def backward(
     single = rows == n and not det
     dh = None
     if need_h:  # deterministic: an fp32 running sum over V (handed on between shards by ``fold``), rounded at the end
-        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if det else torch.empty_like(hidden)
+        dh = torch.zeros(hidden.shape, dtype=torch.float32 if det else hidden.dtype, device=hidden.device)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and not single else None
     db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
     t, stride_t = temp.kernel_arg(hidden.device)
@@ -205,23 +205,21 @@ def _deterministic_gemms(g, h, weight, lo, n, dh, dw, db, fold) -> None:
     kernel (kernels/accumulate_mm.py; no split-K, no atomics, tiles independent of N and of the device's size):
 
     * d_hidden += g @ W: a row's sum over V runs in vocabulary order and depends on that row alone; with ``fold`` it
-      starts from the running sums of the shards before this one, ``fold.CHUNK``-row blocks at a time, so the last
-      shard ends with one process's bits;
+      starts from the running sums of the shards before this one (received in ``fold.CHUNK``-row messages, the
+      chunk's GEMM run once on all of them) and is handed on, so the last shard ends with one process's bits;
     * d_weight += g^T h and d_bias += g^T 1: one running fp32 sum over the rows, whatever the chunks (they start at
       multiples of the kernel's row step), so a shard's rows are one process's rows bit for bit.
     """
     hi = lo + g.shape[0]
-    if dh is not None and fold is None:
+    if dh is not None and fold is not None:
+        cuts = list(range(lo - lo % fold.CHUNK + fold.CHUNK, hi, fold.CHUNK))  # fold's message boundaries inside
+        blocks = list(zip([lo] + cuts, cuts + [hi]))
+        dh[lo:hi] = torch.cat([fold.start(a, b, b - a, n) for a, b in blocks])
+    if dh is not None:
         triton_accumulate_mm_(dh[lo:hi], g.T, weight)
-    elif dh is not None:
-        at = lo
-        while at < hi:
-            end = min(hi, (at // fold.CHUNK + 1) * fold.CHUNK)  # blocks never straddle one of fold's messages
-            acc = fold.start(at, end, end - at, n)
-            triton_accumulate_mm_(acc, g[at - lo:end - lo].T, weight)
-            dh[at:end] = acc
-            fold.done(at, end, acc, n)
-            at = end
+    if dh is not None and fold is not None:
+        for a, b in blocks:
+            fold.done(a, b, dh[a:b], n)
     if dw is not None:
         triton_accumulate_mm_(dw, g, h)
     if db is not None:
