@@ -99,6 +99,21 @@ def test_weight_gradient_does_not_depend_on_chunk_bytes(backend):
         assert torch.equal(first[3], other[3]) and torch.equal(first[4], other[4]), f"chunk_bytes={chunk}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_low_memory_plan_rows_and_reruns(dtype):
+    """memory="low" (vocabulary blocks, row tiles, ignored rows gathered tile by tile) keeps the guarantees: its
+    deterministic tiles have a fixed shape whatever N and chunk_bytes."""
+    low = dict(deterministic=True, memory="low")
+    alone = _linear(*_batch(1, 0, seed=3, dtype=dtype), "torch", None, **low)
+    for (n, pos), chunk in zip(((5, 0), (23, 11), (40, 39)), CHUNKS):
+        got = _linear(*_batch(n, pos, 4, dtype=dtype), "torch", chunk, **low)
+        for name, a, b in zip(("logp", "entropy", "d_input"), alone[:3], got[:3]):
+            assert torch.equal(a[0], b[pos]), f"{name}: N={n} pos={pos} chunk={chunk}"
+    batch = _batch(23, 5, seed=6, dtype=dtype)
+    first, again = (_linear(*batch, "torch", CHUNKS[1], **low) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_environment_switch(monkeypatch):
     batch = _batch(9, 2, seed=7)
     want = _linear(*batch, "torch", CHUNKS[2], deterministic=True)

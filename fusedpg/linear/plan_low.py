@@ -7,6 +7,11 @@ dtype, after an fp32 sum over all N rows, and adds the block's share of d_hidden
 accumulator (the returned gradient itself when hidden is fp32). Extra memory besides the gradients: that
 accumulator and ``LOW_BUFFER_BYTES`` of reused buffers; never a ``[V, H]`` fp32 buffer
 (fusedpg/linear/README.md#low-memory-plan). Inputs are already compacted to non-ignored rows.
+
+Deterministic mode: the tiles are fixed (``fixed_rows.block_rows`` rows, each a fresh zero-padded copy whose padding
+rows are dead; ``deterministic_columns`` columns), whatever N and ``chunk_bytes``, and d_hidden adds each tile's
+product from a fresh buffer, so every GEMM sees one shape and one alignment and a row's results depend on that row
+alone.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, merged, partial, rescaled, softmax_grad_, softmax_stats
 from ..temperature import Temperature
@@ -31,8 +37,16 @@ LOW_BLOCK_BYTES = 16 << 20
 LOW_MIN_COLUMNS = 256
 
 
+def deterministic_columns(device: torch.device) -> int:
+    """Columns of a vocabulary block in deterministic mode: whole fixed segments, at least ``LOW_MIN_COLUMNS``."""
+    seg = fixed_rows.vocab_segment(device)
+    return -(-LOW_MIN_COLUMNS // seg) * seg
+
+
 def low_tiles(n: int, h: int, device: torch.device, opts: LogProbOptions, itemsize: int) -> Tuple[int, int]:
     """(columns per vocabulary block, rows per tile) for hidden ``[n, h]`` at the working dtype's ``itemsize``."""
+    if opts.deterministic:  # neither N nor chunk_bytes may change a GEMM's shape
+        return deterministic_columns(device), fixed_rows.block_rows(device)
     if device.type != "cpu":
         return max(LOW_MIN_COLUMNS, min(opts.chunk_bytes, LOW_BLOCK_BYTES) // max(1, n * itemsize)), n
     budget = min(opts.chunk_bytes, LOW_BUFFER_BYTES)
@@ -75,13 +89,20 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp: T
 
 def _blocks(hidden, weight, bias, opts: LogProbOptions, idx: Optional[torch.Tensor] = None):
     """Shared set-up of both passes: (work dtype, cols, rows, head-block take, hidden-tile take, bias take, logits
-    buffer); ``idx``: the active rows of hidden (None: all)."""
+    buffer, per-row take); ``idx``: the active rows of hidden (None: all). The per-row take,
+    ``fixed_rows.chunking``'s, slices a row tile's per-row inputs (deterministic: pads them to the fixed tile)."""
     n, h = hidden.shape[0] if idx is None else idx.numel(), hidden.shape[1]
     work = compute_dtype(hidden.dtype)
     cols, rows = low_tiles(n, h, hidden.device, opts, work.itemsize)
     take_b = (lambda lo, hi: None) if bias is None else _tiles(bias, cols, work)
-    z_buf = torch.empty(min(rows, n) * min(cols, weight.shape[0]), dtype=work, device=hidden.device)
-    return work, cols, rows, _tiles(weight, cols, work), _tiles(hidden, rows, work, idx), take_b, z_buf
+    take_h = _tiles(hidden, rows, work, idx)
+    if opts.deterministic:  # each tile a fresh zero-padded copy of the fixed size
+        tile = take_h
+        take_h = lambda lo, hi: fixed_rows.block(tile(lo, hi), 0, hi - lo, rows)  # noqa: E731
+    _, per_row = fixed_rows.chunking(opts.deterministic, rows, hidden.device)
+    tile_rows = rows if opts.deterministic else min(rows, n)
+    z_buf = torch.empty(tile_rows * min(cols, weight.shape[0]), dtype=work, device=hidden.device)
+    return work, cols, rows, _tiles(weight, cols, work), take_h, take_b, z_buf, per_row
 
 
 def _local(targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -96,7 +117,7 @@ def forward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, opts
     With ``idx`` ``[n]``, hidden is the full ``[N_all, H]`` and the rest holds the n rows ``idx`` (gathered per
     tile, not copied whole)."""
     n, vocab = targets.shape[0], weight.shape[0]
-    work, cols, rows, take_w, take_h, take_b, z_buf = _blocks(hidden, weight, bias, opts, idx)
+    work, cols, rows, take_w, take_h, take_b, z_buf, per_row = _blocks(hidden, weight, bias, opts, idx)
     run = None
     for lo in range(0, vocab, cols):
         hi = min(vocab, lo + cols)
@@ -104,9 +125,9 @@ def forward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, opts
         stats = [torch.empty(n, dtype=work, device=hidden.device) for _ in range(4)]
         for r_lo in range(0, n, rows):
             r_hi = min(n, r_lo + rows)
-            z = _logits(take_h(r_lo, r_hi), w, b, temp.slice(r_lo, r_hi), z_buf)
-            for out, val in zip(stats, softmax_stats(z, local[r_lo:r_hi], opts.compute_entropy)):
-                out[r_lo:r_hi] = val
+            z = _logits(take_h(r_lo, r_hi), w, b, per_row(temp, r_lo, r_hi), z_buf)
+            for out, val in zip(stats, softmax_stats(z, per_row(local, r_lo, r_hi, -1), opts.compute_entropy)):
+                out[r_lo:r_hi] = val[:r_hi - r_lo]
         run = _fold(run, partial(*stats, local))
     return merged(*run[1:], run[0], opts.compute_entropy)
 
@@ -168,7 +189,7 @@ def _backward_blocks(hidden, weight, bias, targets, temp: Temperature, m, log_s,
     """The blocks of ``backward_vocab_blocked``: fills dh (fp32 accumulator), dw and db (each None when not
     needed); its buffers are freed on return."""
     n, vocab = targets.shape[0], weight.shape[0]
-    work, cols, rows, take_w, take_h, take_b, z_buf = _blocks(hidden, weight, bias, opts, idx)
+    work, cols, rows, take_w, take_h, take_b, z_buf, per_row = _blocks(hidden, weight, bias, opts, idx)
     # the fp32 sum of a half-precision d_weight's block rows, written once per block
     dw_buf = None if dw is None or dw.dtype == work else torch.empty((cols, weight.shape[1]), dtype=work,
                                                                         device=weight.device)
@@ -179,17 +200,21 @@ def _backward_blocks(hidden, weight, bias, targets, temp: Temperature, m, log_s,
         acc_b = None
         for r_lo in range(0, n, rows):
             r_hi = min(n, r_lo + rows)
-            h, t = take_h(r_lo, r_hi), temp.slice(r_lo, r_hi)
-            g = softmax_grad_(_logits(h, w, b, t, z_buf), local[r_lo:r_hi], m[r_lo:r_hi], log_s[r_lo:r_hi],
-                              entropy[r_lo:r_hi], c[r_lo:r_hi], None if d is None else d[r_lo:r_hi], t)
+            h, t = take_h(r_lo, r_hi), per_row(temp, r_lo, r_hi)
+            # deterministic: padding rows are dead (log s = -inf): no probability, a zero gradient row
+            g = softmax_grad_(_logits(h, w, b, t, z_buf), per_row(local, r_lo, r_hi, -1), per_row(m, r_lo, r_hi),
+                              per_row(log_s, r_lo, r_hi, float("-inf")), per_row(entropy, r_lo, r_hi),
+                              per_row(c, r_lo, r_hi), per_row(d, r_lo, r_hi), t)
             if acc_w is not None:  # beta 0 ignores the uninitialised rows before the first tile
                 acc_w.addmm_(g.T, h, beta=1.0 if r_lo > 0 else 0.0)
             if db is not None:
                 acc_b = g.sum(0) if acc_b is None else acc_b.add_(g.sum(0))
-            if dh is not None and idx is None:
+            if dh is not None and idx is None and not opts.deterministic:
                 dh[r_lo:r_hi].addmm_(g, w)
+            elif dh is not None and idx is None:  # the product in a fresh buffer: one alignment for every row
+                dh[r_lo:r_hi] += torch.mm(g, w)[:r_hi - r_lo]
             elif dh is not None:
-                dh.index_add_(0, idx[r_lo:r_hi], torch.mm(g, w))
+                dh.index_add_(0, idx[r_lo:r_hi], torch.mm(g, w)[:r_hi - r_lo])
         if dw_buf is not None:
             dw[lo:hi] = acc_w
         if db is not None:
