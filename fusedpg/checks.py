@@ -232,11 +232,8 @@ def truncation(top_k, top_p, min_p, lead, device):
                       per_row("min_p", min_p, False, lambda v: (v >= 0) & (v <= 1), "in [0, 1] (0: off)"))
 
 
-def memory_mode(memory, *, truncated: bool = False) -> bool:
-    """``memory=``: ``"default"`` or ``"low"`` (True); the low plan's vocabulary blocks never see a whole row of
-    logits, so it does not combine with truncation (its per-row thresholds need the whole row)."""
+def memory_mode(memory) -> bool:
+    """``memory=``: ``"default"`` or ``"low"`` (True)."""
     if memory not in ("default", "low"):
         raise ValueError(f"memory must be 'default' or 'low', got {memory!r}")
-    if memory == "low" and truncated:
-        raise ValueError("memory='low' does not combine with top_k / top_p / min_p yet; use memory='default'")
     return memory == "low"

@@ -99,11 +99,12 @@ def test_weight_gradient_does_not_depend_on_chunk_bytes(backend):
         assert torch.equal(first[3], other[3]) and torch.equal(first[4], other[4]), f"chunk_bytes={chunk}"
 
 
+@pytest.mark.parametrize("truncated", [False, True], ids=["full", "top-k-top-p"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_low_memory_plan_rows_and_reruns(dtype):
+def test_low_memory_plan_rows_and_reruns(dtype, truncated):
     """memory="low" (vocabulary blocks, row tiles, ignored rows gathered tile by tile) keeps the guarantees: its
     deterministic tiles have a fixed shape whatever N and chunk_bytes."""
-    low = dict(deterministic=True, memory="low")
+    low = dict(deterministic=True, memory="low", **(dict(top_k=40, top_p=0.8) if truncated else {}))
     alone = _linear(*_batch(1, 0, seed=3, dtype=dtype), "torch", None, **low)
     for (n, pos), chunk in zip(((5, 0), (23, 11), (40, 39)), CHUNKS):
         got = _linear(*_batch(n, pos, 4, dtype=dtype), "torch", chunk, **low)

@@ -1,6 +1,6 @@
 """memory="low": the head's passes blocked over the vocabulary. Every output and gradient against the float64
 reference under the tolerance model (fp32 and bf16, small vocabulary blocks, row tiles of several sizes), the fused
-loss on both plan classes, the combinations it refuses, less peak memory than the default backward on CPU, and the
+loss on both plan classes, deterministic and truncated forms, a bad memory= value, less peak memory than the default backward on CPU, and the
 bench's plot of peak memory against N and V."""
 from __future__ import annotations
 
@@ -54,29 +54,52 @@ def test_weight_gradient_is_written_in_the_weight_dtype():
     assert w.grad.dtype == torch.bfloat16 and h.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "gspo", "clip_cov"])
-def test_fused_loss_low_memory_equals_the_default(loss_type):
+@pytest.mark.parametrize("loss_type,extra", [("grpo", {}), ("gspo", {}), ("clip_cov", {}),
+                                              ("grpo", dict(top_k=5, top_p=0.8))],
+                         ids=["grpo", "gspo", "clip_cov", "grpo-top-k-top-p"])
+def test_fused_loss_low_memory_equals_the_default(loss_type, extra):
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(2, 6, 16, generator=g), torch.randn(300, 16, generator=g) / 4
     y, adv = torch.randint(0, 300, (2, 6), generator=g), torch.randn(2, generator=g)
     out = {}
     for memory in ("default", "low"):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss, _ = fusedpg.fused_linear_pg_loss(hh, ww, y, adv, torch.ones(2, 6), old_logp=torch.full((2, 6), -5.0),
-                                               loss_type=loss_type, seed=0, memory=memory, impl="torch",
-                                               chunk_bytes=12 * 4 * 64)
+        loss, metrics = fusedpg.fused_linear_pg_loss(hh, ww, y, adv, torch.ones(2, 6),
+                                                     old_logp=torch.full((2, 6), -5.0), loss_type=loss_type, seed=0,
+                                                     memory=memory, impl="torch", chunk_bytes=12 * 4 * 64, **extra)
         loss.backward()
-        out[memory] = (loss.detach(), hh.grad, ww.grad)
+        out[memory] = (loss.detach(), hh.grad, ww.grad) + ((metrics["outside_kept"],) if extra else ())
     for a, b in zip(out["default"], out["low"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_refused_combinations_name_the_option():
+TRUNCATION = {"top_k": 20, "top_p": 0.9, "min_p": 0.01}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [LinearCase(n=13, h=24, v=50), LinearCase(n=9, h=32, v=700, peaked=True,
+                                                                            temperature="per-token"),
+                                  LinearCase(n=7, h=40, v=600, neg_inf_cols=3, bias=True, shift=-30.0),
+                                  LinearCase(n=9, h=24, v=300, k=3)],
+                         ids=["plain", "peaked-per-token", "neg-inf-cols", "3-targets"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 10, 6 << 10, 64 << 10], ids=["rows-1", "rows-few", "rows-all"])
+def test_truncated_low_memory_under_the_tolerance_model(deterministic, dtype, case, chunk_bytes):
+    """top-k, top-p and min-p at low memory: a row tile's logits assembled from the backward's own (tile, block)
+    products, so the backward keeps exactly the forward's kept set (with the chunked forward it dropped threshold
+    tokens whose logit rounded lower in the backward's tiles)."""
+    def low(*args, **kwargs):
+        return fusedpg.linear_logprob_entropy(*args, memory="low", chunk_bytes=chunk_bytes,
+                                              deterministic=deterministic, **kwargs)
+
+    assert_all_ok(check_linear(LinearCase(**{**case.__dict__, "dtype": dtype}), impl="torch", op=low,
+                               truncation=TRUNCATION))
+
+
+def test_bad_memory_value_names_the_option():
     h, w, y = torch.randn(4, 8), torch.randn(20, 8), torch.randint(0, 20, (4,))
     with pytest.raises(ValueError, match="memory must be 'default' or 'low', got 'tiny'"):
         fusedpg.linear_logprob_entropy(h, w, y, memory="tiny")
-    with pytest.raises(ValueError, match="memory='low' does not combine with top_k"):
-        fusedpg.linear_logprob_entropy(h, w, y, memory="low", top_k=5)
 
 
 def test_low_memory_backward_peaks_lower_on_cpu():

@@ -105,7 +105,7 @@ def linear_logprob_entropy(
     impl = resolve_impl(impl, hidden.device)
     trunc = checks.truncation(top_k, top_p, min_p, lead, hidden.device)
     deterministic = LogProbOptions.default_deterministic(deterministic)
-    low = checks.memory_mode(memory, truncated=trunc.active)
+    low = checks.memory_mode(memory)
     if impl == "reference":
         if check_targets:
             checks.targets_in_range(targets, weight.shape[0], ignore_index)

@@ -53,8 +53,14 @@ def linear_logprob_entropy_op(
     opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                    deterministic=deterministic)
     kept, y = _per_target(targets, ignore_index)
+    if trunc.active and low_memory:  # thresholds from row tiles assembled block by block, as the backward sees them
+        tau_c = torch.empty(rows.count, dtype=out, device=hidden.device)
+        stats = plan_low.forward_truncated(hidden, weight, bias, rows.take(y), temp.take(rows.idx),
+                                           trunc.take(rows.idx), tau_c, opts, rows.idx)
+        stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
+        tau = rows.scatter(tau_c)
     # thresholds, and several targets at low memory (its vocabulary-blocked forward takes one): the torch plan
-    if trunc.active or (kept is not None and low_memory):
+    elif trunc.active or (kept is not None and low_memory):
         tau_c = torch.empty(rows.count if trunc.active else 0, dtype=out, device=hidden.device)
         logits = chunk_logits(impl, deterministic, weight, bias)  # with it, the select's Triton kernel too
         stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx),
@@ -154,7 +160,8 @@ def backward_grads(grad_logp, grad_entropy, hidden, weight, bias, targets, temp_
                 opts, needs)
         extra = {} if fold is None else {"fold": fold}
         if low_memory:  # blocked over the vocabulary, hidden gathered per tile, d_hidden written at full size
-            grads = plan_low.backward_vocab_blocked(hidden, *rest, idx=rows.idx)
+            grads = plan_low.backward_vocab_blocked(hidden, *rest, idx=rows.idx,
+                                                    tau=rows.take(tau) if truncated else None)
             scatter_h = False
         elif truncated:  # the thresholds' mask inside the Triton gradient kernel, or the torch plan's recompute
             plan = _plan(impl) if impl == "triton" and not deterministic else plan_torch

@@ -23,6 +23,7 @@ from .. import fixed_rows
 from ..options import LogProbOptions
 from ..softmax_math import compute_dtype, merged, partial, rescaled, softmax_grad_, softmax_stats
 from ..temperature import Temperature
+from ..truncation import Truncation, apply_, truncate_
 
 #: CPU: bytes of the reused fp32 buffers together (unless chunk_bytes asks for less): half for the hidden tile
 #: ``[rows, H]``, a quarter each for the head block ``[cols, H]`` and its d_weight rows; the logits tile
@@ -87,12 +88,16 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temp: T
     return temp.divide_(z)
 
 
-def _blocks(hidden, weight, bias, opts: LogProbOptions, idx: Optional[torch.Tensor] = None):
+def _blocks(hidden, weight, bias, opts: LogProbOptions, idx: Optional[torch.Tensor] = None, whole_rows=False):
     """Shared set-up of both passes: (work dtype, cols, rows, head-block take, hidden-tile take, bias take, logits
     buffer, per-row take); ``idx``: the active rows of hidden (None: all). The per-row take,
-    ``fixed_rows.chunking``'s, slices a row tile's per-row inputs (deterministic: pads them to the fixed tile)."""
+    ``fixed_rows.chunking``'s, slices a row tile's per-row inputs (deterministic: pads them to the fixed tile).
+    ``whole_rows`` (truncation: a tile's rows of logits are assembled whole): tiles of at most ``chunk_bytes`` of
+    such rows."""
     n, h = hidden.shape[0] if idx is None else idx.numel(), hidden.shape[1]
     work = compute_dtype(hidden.dtype)
+    if whole_rows:
+        n = min(n, max(1, opts.chunk_bytes // (weight.shape[0] * work.itemsize)))
     cols, rows = low_tiles(n, h, hidden.device, opts, work.itemsize)
     take_b = (lambda lo, hi: None) if bias is None else _tiles(bias, cols, work)
     take_h = _tiles(hidden, rows, work, idx)
@@ -103,6 +108,30 @@ def _blocks(hidden, weight, bias, opts: LogProbOptions, idx: Optional[torch.Tens
     tile_rows = rows if opts.deterministic else min(rows, n)
     z_buf = torch.empty(tile_rows * min(cols, weight.shape[0]), dtype=work, device=hidden.device)
     return work, cols, rows, _tiles(weight, cols, work), take_h, take_b, z_buf, per_row
+
+
+def forward_truncated(hidden, weight, bias, targets, temp: Temperature, trunc: Truncation, tau_out: torch.Tensor,
+                      opts: LogProbOptions, idx: Optional[torch.Tensor] = None):
+    """The low-memory forward of a truncated distribution: its thresholds need whole rows of logits, so each row
+    tile's ``[rows, V]`` logits are assembled from the very (tile, block) products the backward recomputes, and the
+    backward's comparison with the thresholds sees the forward's logits bit for bit (the threshold token sits
+    exactly at the cut). Arguments as ``forward_vocab_blocked`` plus ``trunc`` (per-row settings of the n rows) and
+    ``tau_out`` ``[n]`` (the thresholds, written); returns (logp, entropy, m, log_s) like ``plan_torch.forward``."""
+    n, vocab = targets.shape[0], weight.shape[0]
+    work, cols, rows, take_w, take_h, take_b, z_buf, per_row = _blocks(hidden, weight, bias, opts, idx, True)
+    outs = [torch.empty(targets.shape if i == 0 else n, dtype=work, device=hidden.device) for i in range(4)]
+    z = torch.empty(rows if opts.deterministic else min(rows, n), vocab, dtype=work, device=hidden.device)
+    for r_lo in range(0, n, rows):
+        r_hi = min(n, r_lo + rows)
+        h, t = take_h(r_lo, r_hi), per_row(temp, r_lo, r_hi)
+        zt = z[:h.shape[0]]
+        for lo in range(0, vocab, cols):
+            hi = min(vocab, lo + cols)
+            zt[:, lo:hi] = _logits(h, take_w(lo, hi), take_b(lo, hi), t, z_buf)
+        tau_out[r_lo:r_hi] = truncate_(zt, per_row(trunc, r_lo, r_hi))[:r_hi - r_lo]
+        for out, val in zip(outs, softmax_stats(zt, per_row(targets, r_lo, r_hi, -1), opts.compute_entropy)):
+            out[r_lo:r_hi] = val[:r_hi - r_lo]
+    return tuple(outs)
 
 
 def _local(targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -148,7 +177,8 @@ def _fold(run, part: torch.Tensor):
 
 
 def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, log_s, entropy, c, d,
-                           opts: LogProbOptions, needs: Tuple[bool, bool, bool], idx: Optional[torch.Tensor] = None):
+                           opts: LogProbOptions, needs: Tuple[bool, bool, bool], idx: Optional[torch.Tensor] = None,
+                           tau: Optional[torch.Tensor] = None):
     """The low-memory backward: gradients (d_hidden ``[N, H]``, d_weight ``[V, H]``, d_bias ``[V]``) in the
     inputs' dtypes, None where not needed. m, log_s, entropy (the forward's row statistics), c = dL/dlogp and
     d = dL/dentropy (or None) are ``[N]``; targets and c may be ``[N, K]`` (several targets per row).
@@ -157,7 +187,9 @@ def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, 
     the block's d_weight rows over all N rows in fp32 (in place when the weight is fp32) and writes them once, and
     adds the block's share of d_hidden into the fp32 ``[N, H]`` accumulator. With ``idx`` ``[n]`` (the active
     rows; the per-row inputs hold those n rows), hidden and d_hidden are full-size ``[N_all, H]``: no compacted
-    copy of hidden and no scatter of d_hidden, whose inactive rows are 0.
+    copy of hidden and no scatter of d_hidden, whose inactive rows are 0. ``tau`` ``[n]``: ``forward_truncated``'s
+    thresholds (its tiles are these; logits below them are outside the kept set; the caller has zeroed c on rows
+    whose target fell outside it).
     """
     need_h, need_w, need_b = needs
     work = compute_dtype(hidden.dtype)
@@ -165,7 +197,7 @@ def backward_vocab_blocked(hidden, weight, bias, targets, temp: Temperature, m, 
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty_like(bias) if need_b else None
     _backward_blocks(hidden, weight, bias, targets, temp, m, log_s, entropy, c.to(work),
-                     None if d is None else d.to(work), opts, dh, dw, db, idx)
+                     None if d is None else d.to(work), opts, dh, dw, db, idx, tau)
     if dh is not None and hidden.dtype.itemsize < work.itemsize:
         dh = _narrowed(dh, hidden.dtype, max(1, LOW_BUFFER_BYTES // (4 * hidden.shape[1] * work.itemsize)))
     return dh, dw, db
@@ -185,11 +217,12 @@ def _narrowed(acc: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
 
 
 def _backward_blocks(hidden, weight, bias, targets, temp: Temperature, m, log_s, entropy, c, d,
-                     opts: LogProbOptions, dh, dw, db, idx=None) -> None:
+                     opts: LogProbOptions, dh, dw, db, idx=None, tau=None) -> None:
     """The blocks of ``backward_vocab_blocked``: fills dh (fp32 accumulator), dw and db (each None when not
     needed); its buffers are freed on return."""
     n, vocab = targets.shape[0], weight.shape[0]
-    work, cols, rows, take_w, take_h, take_b, z_buf, per_row = _blocks(hidden, weight, bias, opts, idx)
+    work, cols, rows, take_w, take_h, take_b, z_buf, per_row = _blocks(hidden, weight, bias, opts, idx,
+                                                                       tau is not None)
     # the fp32 sum of a half-precision d_weight's block rows, written once per block
     dw_buf = None if dw is None or dw.dtype == work else torch.empty((cols, weight.shape[1]), dtype=work,
                                                                         device=weight.device)
@@ -201,8 +234,11 @@ def _backward_blocks(hidden, weight, bias, targets, temp: Temperature, m, log_s,
         for r_lo in range(0, n, rows):
             r_hi = min(n, r_lo + rows)
             h, t = take_h(r_lo, r_hi), per_row(temp, r_lo, r_hi)
+            z = _logits(h, w, b, t, z_buf)
+            if tau is not None:  # outside the kept set: no probability, so no gradient
+                apply_(z, per_row(tau, r_lo, r_hi, float("-inf")))
             # deterministic: padding rows are dead (log s = -inf): no probability, a zero gradient row
-            g = softmax_grad_(_logits(h, w, b, t, z_buf), per_row(local, r_lo, r_hi, -1), per_row(m, r_lo, r_hi),
+            g = softmax_grad_(z, per_row(local, r_lo, r_hi, -1), per_row(m, r_lo, r_hi),
                               per_row(log_s, r_lo, r_hi, float("-inf")), per_row(entropy, r_lo, r_hi),
                               per_row(c, r_lo, r_hi), per_row(d, r_lo, r_hi), t)
             if acc_w is not None:  # beta 0 ignores the uninitialised rows before the first tile

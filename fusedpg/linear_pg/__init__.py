@@ -134,7 +134,7 @@ def fused_linear_pg_loss(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     deterministic = LogProbOptions.default_deterministic(deterministic)
     truncated = top_k is not None or top_p is not None or min_p is not None
-    low = checks.memory_mode(memory, truncated=truncated)
+    low = checks.memory_mode(memory)
     flat = (lambda x: x.reshape(-1) if isinstance(x, torch.Tensor) else x)
     if parallel or deterministic or truncated or low:
         loss, metrics = _composed(lambda y: linear_logprob_entropy(
