@@ -1,9 +1,9 @@
 """Case ``sampler``: log-prob + entropy of the truncated sampling distribution (top-k 50, top-p 0.9), forward and
 backward, from hidden states and the LM head.
 
-Impls: ``ours`` (``linear_logprob_entropy(..., top_k=50, top_p=0.9)``: a threshold per row found by bisection on
-each chunk, no sort), ``eager`` (the dense reference: materialised logits, vLLM's sort and cumsum, at the input
-dtype) and ``untruncated`` (ours on the full softmax: what truncation costs on top).
+Impls: ``ours`` (``linear_logprob_entropy(..., top_k=50, top_p=0.9)``: a threshold per row found by selection on
+each chunk (k-th value, radix passes), no sort), ``eager`` (the dense reference: materialised logits, vLLM's sort and cumsum, at the input
+dtype), ``untruncated`` (ours on the full softmax: what truncation costs on top) and ``ours-low`` (``memory="low"``).
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ CASE = register_case(Case(
     impls=(
         Impl("ours", _make(lambda h, w, y: fusedpg.linear_logprob_entropy(h, w, y, top_k=TOP_K, top_p=TOP_P)),
              role="ours"),
+        Impl("ours-low", _make(lambda h, w, y: fusedpg.linear_logprob_entropy(h, w, y, top_k=TOP_K, top_p=TOP_P,
+                                                                             memory="low")),
+             note='memory="low": row tiles of whole logits rows, vocabulary-blocked backward'),
         Impl("eager", _make(lambda h, w, y: linear_logprob_entropy_reference(
             h, w, y, dtype=None, truncation=(TOP_K, TOP_P, None))), role="baseline",
              note="materialised logits, vLLM's sort + cumsum"),

@@ -244,7 +244,7 @@ def test_main_end_to_end_rows_table_and_plots(tmp_path, capsys):
         ("pg", "eager"), ("attention", "ours"), ("attention", "sdpa"), ("model", "ours"), ("model", "eager"),
         ("model", "fused-loss"), ("tp", "ours"), ("tp", "gather"), ("tp", "ours-det"), ("linear", "ours-det"),
         ("logits", "ours-det"), ("linear", "ours-low"), ("pg", "ours-low"),
-        ("sampler", "ours"), ("sampler", "eager"), ("sampler", "untruncated")}
+        ("sampler", "ours"), ("sampler", "eager"), ("sampler", "untruncated"), ("sampler", "ours-low")}
     assert not torch.distributed.is_initialized()  # the tp case's helper rank and group are gone after its group
     assert {r["mode"] for r in ok if r["case"] == "linear"} == set(DEFAULT_MODES)
     assert {r["mode"] for r in ok if r["case"] in ("pg", "model")} == {"fwd+bwd"}
