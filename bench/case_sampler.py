@@ -2,8 +2,9 @@
 backward, from hidden states and the LM head.
 
 Impls: ``ours`` (``linear_logprob_entropy(..., top_k=50, top_p=0.9)``: a threshold per row found by selection on
-each chunk (k-th value, radix passes), no sort), ``eager`` (the dense reference: materialised logits, vLLM's sort and cumsum, at the input
-dtype), ``untruncated`` (ours on the full softmax: what truncation costs on top) and ``ours-low`` (``memory="low"``).
+each chunk (k-th value, radix passes), no sort), ``eager`` (the dense reference: materialised logits, vLLM's sort
+and cumsum, at the input dtype), ``untruncated`` (ours on the full softmax: what truncation costs on top) and
+``ours-low`` (``memory="low"``).
 """
 from __future__ import annotations
 
