@@ -46,13 +46,16 @@ def test_verify_primitives_table():
     assert runner.run("cpu", "torch", [torch.float32, torch.bfloat16, torch.float16], out=buf,
                       groups=("primitives",))
     rows = _table_rows(buf.getvalue())
-    assert len(rows) == 3 * (5 + 3 + 3 + 5 + 3 + 5 + 5 + 3)  # deterministic modes, the truncated head, K targets (both ops)
+    # deterministic modes, the truncated head, K targets (both ops), memory="low" plain and deterministic + truncated
+    assert len(rows) == 3 * (5 + 3 + 3 + 5 + 3 + 5 + 5 + 3 + 5 + 5)
     for dtype in ("float32", "bfloat16", "float16"):
         for out in ("logp", "entropy", "d_hidden", "d_weight", "d_bias"):
             assert any(r.startswith("linear_logprob_entropy") and f" {out} " in r and dtype in r for r in rows)
         for op in ("logprob_entropy ", "logprob_entropy[inplace]", "logprob_entropy[det]"):
             assert any(r.startswith(op) and " d_logits " in r and dtype in r for r in rows)
         assert any(r.startswith("linear_logprob_entropy[det]") and " d_hidden " in r and dtype in r for r in rows)
+        for op in ("linear_logprob_entropy[low] ", "linear_logprob_entropy[low,det,trunc]"):
+            assert any(r.startswith(op) and " d_weight " in r and dtype in r for r in rows), op
 
 
 def test_verify_tp_group_runs_two_gloo_ranks():
@@ -76,7 +79,7 @@ def test_verify_triton_one_dtype(capsys):
     impl, device = BACKENDS[1]
     assert cli.main(["verify", "--impl", impl, "--device", device, "--dtype", "bf16", "--only", "primitives"]) == 0
     rows = _table_rows(capsys.readouterr().out)
-    assert len(rows) == 11 + 8 + 5 + 5 + 3 and all("bfloat16" in r and r.endswith("PASS") for r in rows)
+    assert len(rows) == 11 + 8 + 5 + 5 + 3 + 10 and all("bfloat16" in r and r.endswith("PASS") for r in rows)
 
 
 def test_verify_fails_on_wrong_numbers(monkeypatch, capsys):

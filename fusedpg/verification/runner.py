@@ -29,10 +29,14 @@ _CASES = (
 _TRUNC = {"top_k": 20, "top_p": 0.9, "min_p": 0.01}
 
 
-def _deterministic(*args, **kwargs):
-    from .. import linear_logprob_entropy
+def _linear_with(**fixed):
+    """``linear_logprob_entropy`` with some keywords fixed (``deterministic=True``, ``memory="low"``)."""
+    def op(*args, **kwargs):
+        from .. import linear_logprob_entropy
 
-    return linear_logprob_entropy(*args, deterministic=True, **kwargs)
+        return linear_logprob_entropy(*args, **fixed, **kwargs)
+
+    return op
 
 
 def _primitive_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Comparison]]:
@@ -40,13 +44,20 @@ def _primitive_rows(device: str, impl, dtypes) -> Iterator[Tuple[str, str, Compa
         ("linear_logprob_entropy", lambda c: check_linear(c, impl=impl, device=device)),
         ("logprob_entropy", lambda c: check_logits(c, impl=impl, device=device)),
         ("logprob_entropy[inplace]", lambda c: check_logits(c, impl=impl, device=device, inplace=True)),
-        ("linear_logprob_entropy[det]", lambda c: check_linear(c, impl=impl, device=device, op=_deterministic)),
+        ("linear_logprob_entropy[det]",
+         lambda c: check_linear(c, impl=impl, device=device, op=_linear_with(deterministic=True))),
         ("logprob_entropy[det]", lambda c: check_logits(c, impl=impl, device=device, deterministic=True)),
         ("linear_logprob_entropy[trunc]", lambda c: check_linear(c, impl=impl, device=device, truncation=_TRUNC)),
         ("linear_logprob_entropy[K=3]", lambda c: check_linear(LinearCase(**{**c.__dict__, "k": 3, "batch": 1}),
                                                                impl=impl, device=device)),
         ("logprob_entropy[K=3]", lambda c: check_logits(LinearCase(**{**c.__dict__, "k": 3, "batch": 1}),
                                                         impl=impl, device=device)),
+        # memory="low" (its GEMMs are torch's whatever the impl): plain, and deterministic with the truncated head
+        ("linear_logprob_entropy[low]", lambda c: check_linear(c, impl=impl, device=device,
+                                                               op=_linear_with(memory="low"))),
+        ("linear_logprob_entropy[low,det,trunc]",
+         lambda c: check_linear(c, impl=impl, device=device, op=_linear_with(memory="low", deterministic=True),
+                                truncation=_TRUNC)),
     )
     for op, check in checks:
         for dtype in dtypes:
@@ -122,14 +133,14 @@ LEGEND = (  # printed under the table and in --help
 
 def run(device: str, impl, dtypes, out=None, groups=tuple(GROUPS)) -> bool:
     out = sys.stdout if out is None else out  # looked up per call, so redirected / captured stdout is honoured
-    header = f"{'op':34s} {'output':34s} {'dtype':9s} {'max abs err':>12s} {'ours/eager':>10s}  result"
+    header = f"{'op':38s} {'output':34s} {'dtype':9s} {'max abs err':>12s} {'ours/eager':>10s}  result"
     print(header, file=out)
     print("-" * len(header), file=out)
     rows = []
     for group in groups:
         for op, label, r in GROUPS[group](device, impl, dtypes):
             rows.append(r)
-            print(f"{op:34s} {label:34s} {str(r.dtype).replace('torch.', ''):9s} "
+            print(f"{op:38s} {label:34s} {str(r.dtype).replace('torch.', ''):9s} "
                   f"{r.max_abs_err:12.3e} {r.ratio:10.2f}  {'PASS' if r.ok else 'FAIL'}", file=out, flush=True)
     print("-" * len(header) + "\n" + LEGEND, file=out)
     failed = [r for r in rows if not r.ok]
