@@ -53,20 +53,18 @@ def linear_logprob_entropy_op(
     opts = LogProbOptions.budgeted(chunk_bytes, ignore_index=ignore_index, compute_entropy=compute_entropy,
                                    deterministic=deterministic)
     kept, y = _per_target(targets, ignore_index)
-    if trunc.active and low_memory:  # thresholds from row tiles assembled block by block, as the backward sees them
-        tau_c = torch.empty(rows.count, dtype=out, device=hidden.device)
-        stats = plan_low.forward_truncated(hidden, weight, bias, rows.take(y), temp.take(rows.idx),
-                                           trunc.take(rows.idx), tau_c, opts, rows.idx)
-        stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
-        tau = rows.scatter(tau_c)
-    # thresholds, and several targets at low memory (its vocabulary-blocked forward takes one): the torch plan
-    elif trunc.active or (kept is not None and low_memory):
+    # thresholds, and several targets at low memory (its vocabulary-blocked forward takes one): whole rows of logits
+    if trunc.active or (kept is not None and low_memory):
         tau_c = torch.empty(rows.count if trunc.active else 0, dtype=out, device=hidden.device)
-        logits = chunk_logits(impl, deterministic, weight, bias)  # with it, the select's Triton kernel too
-        stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx),
-                                   opts if logits is None else replace(opts, chunk_bytes=opts.device_chunk_bytes),
-                                   replace(trunc.take(rows.idx), kernel=logits is not None),
-                                   tau_c if trunc.active else None, logits)
+        if trunc.active and low_memory:  # row tiles assembled block by block, as the low backward recomputes them
+            stats = plan_low.forward_truncated(hidden, weight, bias, rows.take(y), temp.take(rows.idx),
+                                               trunc.take(rows.idx), tau_c, opts, rows.idx)
+        else:  # the torch plan's chunks
+            logits = chunk_logits(impl, deterministic, weight, bias)  # with it, the select's Triton kernel too
+            stats = plan_torch.forward(rows.take(hidden), weight, bias, rows.take(y), temp.take(rows.idx),
+                                       opts if logits is None else replace(opts, chunk_bytes=opts.device_chunk_bytes),
+                                       replace(trunc.take(rows.idx), kernel=logits is not None),
+                                       tau_c if trunc.active else None, logits)
         if trunc.active:
             stats = (torch.where(torch.isneginf(stats[0]), OUTSIDE_LOGP, stats[0]),) + tuple(stats[1:])
             tau = rows.scatter(tau_c)

@@ -122,10 +122,11 @@ def forward_truncated(hidden, weight, bias, targets, temp: Temperature, trunc: T
     n, vocab = targets.shape[0], weight.shape[0]
     work, cols, rows, take_w, take_h, take_b, z_buf, per_row = _blocks(hidden, weight, bias, opts, idx, True)
     outs = [torch.empty(targets.shape if i == 0 else n, dtype=work, device=hidden.device) for i in range(4)]
-    z = torch.empty(rows if opts.deterministic else min(rows, n), vocab, dtype=work, device=hidden.device)
+    z = None  # [tile rows, V], sized by the first (largest) tile
     for r_lo in range(0, n, rows):
         r_hi = min(n, r_lo + rows)
         h, t = take_h(r_lo, r_hi), per_row(temp, r_lo, r_hi)
+        z = torch.empty(h.shape[0], vocab, dtype=work, device=hidden.device) if z is None else z
         zt = z[:h.shape[0]]
         for lo in range(0, vocab, cols):
             hi = min(vocab, lo + cols)
